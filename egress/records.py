@@ -1,0 +1,797 @@
+"""The vocabulary: flow records, findings, task events and verdicts.
+
+DESIGN.md's contracts in code. Everything else in egress depends on this
+module and it depends on nothing of ours. Conventions:
+
+- ``None`` is unknown; ``0``, ``False`` and ``""`` are known values.
+- Times are integer microseconds since the Unix epoch, UTC; JSON renders
+  them as ISO 8601 with ``Z`` and microseconds.
+- ``to_json`` gives the contract's JSON object; ``from_json`` reads one back.
+  Reading is forward-compatible by default (unknown keys are ignored, as
+  the contract asks of readers); ``strict=True`` refuses unknown keys, for
+  our own on-disk formats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+
+SCHEMA = 1
+"""Version of the JSON flow record and task event contract."""
+
+
+class RecordError(ValueError):
+    """A record that does not fit the contract; the message names the field."""
+
+
+# --------------------------------------------------------------------------
+# Enumerations
+
+
+class Severity(enum.StrEnum):
+    """How bad a finding is; ordered from info to critical."""
+
+    INFO = "info"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+    @property
+    def rank(self) -> int:
+        return _SEVERITY_ORDER.index(self)
+
+
+_SEVERITY_ORDER = list(Severity)
+
+
+class Verdict(enum.StrEnum):
+    """What the judge decided for a flow."""
+
+    ALLOW = "allow"
+    FLAG = "flag"
+    BLOCK = "block"
+
+
+class Mode(enum.StrEnum):
+    """Audit records what would be blocked; enforce blocks it."""
+
+    AUDIT = "audit"
+    ENFORCE = "enforce"
+
+
+class Step(enum.StrEnum):
+    """When in a flow's life the judge decides, in order."""
+
+    START = "start"
+    """On addresses, ports and DNS bindings, before any payload."""
+    GATE = "gate"
+    """On the first payload bytes of each direction."""
+    WATCH = "watch"
+    """On what a watched flow does later (sizes, directions, times)."""
+    END = "end"
+    """On the flow's totals, when it ended."""
+
+    @property
+    def rank(self) -> int:
+        return _STEP_ORDER.index(self)
+
+
+_STEP_ORDER = list(Step)
+
+
+class Action(enum.StrEnum):
+    """What the kernel did with the flow (live only)."""
+
+    PASSED = "passed"
+    REJECTED = "rejected"
+    DROPPED = "dropped"
+    KILLED = "killed"
+
+
+def verdict_for(severity: Severity | None, mode: Mode) -> Verdict:
+    """DESIGN.md's verdict table: the highest counted severity and the mode."""
+    if severity is None or severity.rank <= Severity.LOW.rank:
+        return Verdict.ALLOW
+    if severity is Severity.MEDIUM or mode is Mode.AUDIT:
+        return Verdict.FLAG
+    return Verdict.BLOCK
+
+
+# --------------------------------------------------------------------------
+# Evidence: one typed object per finding id
+
+
+@dataclass(kw_only=True)
+class UndeclaredDestinationEvidence:
+    name: str | None = None
+    """The name the flow was made to (DNS, SNI or Host); None when it had none."""
+    address: str
+    """The destination address."""
+    port: int | None = None
+    """The destination port; None for ICMP."""
+    transport: str
+    """tcp, udp or icmp."""
+
+
+@dataclass(kw_only=True)
+class ProtocolMismatchEvidence:
+    seen: str
+    """The app protocol identified from payload (``unknown`` when none matched)."""
+    expected: list[str]
+    """The protocols the matching rules allow for this destination and port."""
+    rule: str
+    """The rule whose destination and port matched."""
+
+
+@dataclass(kw_only=True)
+class SshEgressEvidence:
+    client_banner: str | None = None
+    """The client's SSH identification string; None before it was seen."""
+    declared_for_ssh: list[str]
+    """Destinations the purpose declares for SSH (empty when none)."""
+
+
+@dataclass(kw_only=True)
+class ReverseSshTunnelEvidence:
+    source: str
+    """``traffic`` (from the packets) or ``process`` (from the command line)."""
+    cmdline_flag: str | None = None
+    """The forwarding option seen on the command line (-R, RemoteForward, autossh)."""
+    server_first_exchanges: int | None = None
+    """Exchanges after key exchange that the server side started."""
+    keepalive_interval_s: float | None = None
+    """The regular interval of keepalive-sized packets, in seconds."""
+    role_reversal: bool | None = None
+    """True when the TCP initiator spoke as the SSH server."""
+
+
+@dataclass(kw_only=True)
+class MiningStratumEvidence:
+    method: str
+    """The JSON-RPC method seen (login, mining.subscribe, eth_submitLogin, ...)."""
+    agent: str | None = None
+    """The miner's user agent, when it sent one."""
+
+
+@dataclass(kw_only=True)
+class MiningPoolEvidence:
+    name: str | None = None
+    """The pool name seen in DNS or SNI; None when matched by port and shape."""
+    port: int | None = None
+    """The destination port."""
+    reason: str
+    """``known-pool`` or ``mining-port-and-shape``."""
+
+
+@dataclass(kw_only=True)
+class DnsTunnelEvidence:
+    domain: str
+    """The domain under which the queries were made."""
+    distinct_names: int | None = None
+    """Distinct names queried under the domain in the window."""
+    window_s: float | None = None
+    """The window over which names were counted, in seconds."""
+    max_label_length: int | None = None
+    """The longest label seen."""
+    entropy: float | None = None
+    """Shannon entropy of the labels, bits per character."""
+    qtypes: list[str] = field(default_factory=list)
+    """Query types seen (NULL, TXT, PRIVATE, ...)."""
+
+
+@dataclass(kw_only=True)
+class DnsRefusedEvidence:
+    name: str
+    """The name looked up."""
+    qtype: str | None = None
+    """The query type."""
+
+
+@dataclass(kw_only=True)
+class EncryptedDnsEvidence:
+    kind: str
+    """doh, dot or doq."""
+    resolver: str
+    """The resolver's name or address."""
+
+
+@dataclass(kw_only=True)
+class IcmpTunnelEvidence:
+    packets: int
+    """Echo packets examined."""
+    max_payload: int | None = None
+    """The largest echo payload, in bytes."""
+    entropy: float | None = None
+    """Mean payload entropy, bits per byte."""
+    embedded_ip: bool | None = None
+    """True when payloads carry IP headers."""
+
+
+@dataclass(kw_only=True)
+class DirectIpEvidence:
+    address: str
+    """The address connected to, which no DNS answer gave the task."""
+
+
+@dataclass(kw_only=True)
+class SniMismatchEvidence:
+    seen: str
+    """The SNI or HTTP Host sent."""
+    source: str
+    """``sni`` or ``http-host``."""
+    resolved_names: list[str]
+    """The names the task resolved to this address."""
+
+
+@dataclass(kw_only=True)
+class EncryptedClientHelloEvidence:
+    outer_sni: str | None = None
+    """The public (outer) name; the real one is hidden."""
+
+
+@dataclass(kw_only=True)
+class MetadataEndpointEvidence:
+    address: str
+    """The cloud metadata address connected to."""
+
+
+@dataclass(kw_only=True)
+class SpendEndpointEvidence:
+    name: str
+    """The endpoint's name."""
+    category: str
+    """cloud-control-plane, payment or exchange."""
+
+
+@dataclass(kw_only=True)
+class BudgetExceededEvidence:
+    limit: str
+    """The limit passed: ``bytes_out`` or ``connections``."""
+    allowed: int
+    """The purpose's limit."""
+    total: int
+    """The task's total when it was passed."""
+
+
+@dataclass(kw_only=True)
+class UntaggedEvidence:
+    source: str
+    """The initiator's address."""
+    reason: str
+    """Why no task owns the flow (no task at that time, address fits none, ...)."""
+
+
+@dataclass(kw_only=True)
+class InternalErrorEvidence:
+    stage: str
+    """The judge's step, or the component, that failed."""
+    component: str
+    """The detector or part of the judge that raised."""
+    error: str
+    """The exception's type and message."""
+
+
+@dataclass(kw_only=True)
+class EventsLostEvidence:
+    count: int
+    """How many events were lost."""
+    reason: str
+    """Why (socket overrun, queue full, sequence gap, ...)."""
+
+
+@dataclass(frozen=True)
+class FindingKind:
+    """A finding id of DESIGN.md with its fixed severity."""
+
+    id: str
+    severity: Severity
+    meaning: str
+    evidence: type
+    waivable: bool = True
+    """A purpose's ``waive`` may list it (never critical, internal-error, undeclared)."""
+    task_level: bool = False
+    """Raised on a task event rather than one flow."""
+
+
+def _kind(id, severity, meaning, evidence, **kw) -> tuple[str, FindingKind]:
+    waivable = severity is not Severity.CRITICAL and id not in (
+        "internal-error", "undeclared-destination")
+    return id, FindingKind(id, severity, meaning, evidence, waivable=waivable, **kw)
+
+
+S = Severity
+FINDINGS: dict[str, FindingKind] = dict([
+    _kind("undeclared-destination", S.HIGH, "no allow rule of the purpose matches",
+          UndeclaredDestinationEvidence),
+    _kind("protocol-mismatch", S.HIGH,
+          "the flow speaks another protocol than its rule or port says",
+          ProtocolMismatchEvidence),
+    _kind("ssh-egress", S.HIGH, "SSH to a destination not declared for SSH",
+          SshEgressEvidence),
+    _kind("reverse-ssh-tunnel", S.CRITICAL, "SSH with remote forwarding",
+          ReverseSshTunnelEvidence),
+    _kind("mining-stratum", S.CRITICAL,
+          "Stratum or mining JSON-RPC (cleartext dialects) on any port",
+          MiningStratumEvidence),
+    _kind("mining-pool", S.CRITICAL,
+          "a known mining pool by name, or a mining port with mining-shaped traffic",
+          MiningPoolEvidence),
+    _kind("dns-tunnel", S.HIGH, "queries shaped like a tunnel", DnsTunnelEvidence,
+          task_level=True),
+    _kind("dns-refused", S.HIGH, "a name the purpose does not allow was looked up",
+          DnsRefusedEvidence, task_level=True),
+    _kind("encrypted-dns", S.HIGH,
+          "DoH, DoT or DoQ to a resolver the purpose did not declare",
+          EncryptedDnsEvidence),
+    _kind("icmp-tunnel", S.HIGH, "ICMP echo carrying payloads that are not ping-shaped",
+          IcmpTunnelEvidence),
+    _kind("direct-ip", S.MEDIUM, "a connection to an address no DNS answer gave the task",
+          DirectIpEvidence),
+    _kind("sni-mismatch", S.HIGH,
+          "SNI or HTTP Host disagrees with the name the address was resolved from",
+          SniMismatchEvidence),
+    _kind("encrypted-client-hello", S.HIGH, "ECH hides the real server name",
+          EncryptedClientHelloEvidence),
+    _kind("metadata-endpoint", S.CRITICAL, "a cloud instance metadata address",
+          MetadataEndpointEvidence),
+    _kind("spend-endpoint", S.HIGH,
+          "a cloud control plane, payment or exchange API the purpose did not declare",
+          SpendEndpointEvidence),
+    _kind("budget-exceeded", S.HIGH, "the task passed a limit of its purpose",
+          BudgetExceededEvidence, task_level=True),
+    _kind("untagged", S.HIGH, "an outbound flow no task owns", UntaggedEvidence),
+    _kind("internal-error", S.HIGH, "a detector or the judge failed on this flow",
+          InternalErrorEvidence),
+    _kind("events-lost", S.MEDIUM, "the recorder lost events", EventsLostEvidence,
+          task_level=True),
+])
+del S
+
+
+@dataclass(kw_only=True)
+class Finding:
+    """One finding on a flow or task event, with evidence a person can check."""
+
+    id: str
+    """A finding id of DESIGN.md's table (stable, never renamed)."""
+    severity: Severity
+    """The id's severity (fixed by the id)."""
+    evidence: typing.Any
+    """The id's evidence object (see FINDINGS[id].evidence)."""
+    waived: bool = False
+    """True when the purpose waived this id: recorded, but not counted."""
+
+    @classmethod
+    def make(cls, id: str, evidence: typing.Any = None, *, waived: bool = False,
+             **fields) -> "Finding":
+        """A finding of a known id; evidence given as an object or as fields."""
+        kind = FINDINGS.get(id)
+        if kind is None:
+            raise RecordError(f"findings.id: unknown finding id {id!r}")
+        if evidence is None:
+            evidence = kind.evidence(**fields)
+        elif not isinstance(evidence, kind.evidence):
+            raise RecordError(f"findings.evidence: {id} takes {kind.evidence.__name__}")
+        return cls(id=id, severity=kind.severity, evidence=evidence, waived=waived)
+
+    def to_json(self) -> dict:
+        out = {"id": self.id, "severity": str(self.severity),
+               "evidence": _encode(self.evidence)}
+        if self.waived:
+            out["waived"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, data: typing.Any, *, strict: bool = False,
+                  where: str = "findings") -> "Finding":
+        if not isinstance(data, dict):
+            raise RecordError(f"{where}: expected an object")
+        known = {"id", "severity", "evidence", "waived"}
+        _check_keys(data, known, strict, where)
+        kind = FINDINGS.get(data.get("id"))
+        if kind is None:
+            if strict:
+                raise RecordError(f"{where}.id: unknown finding id {data.get('id')!r}")
+            # A newer writer's id: keep it readable, evidence as given.
+            return cls(id=str(data.get("id")), severity=Severity(data["severity"]),
+                       evidence=data.get("evidence") or {})
+        if data.get("severity") != str(kind.severity):
+            raise RecordError(f"{where}.severity: {kind.id} is {kind.severity}, "
+                              f"not {data.get('severity')!r}")
+        evidence = _decode(kind.evidence, data.get("evidence") or {}, strict,
+                           f"{where}.evidence")
+        return cls(id=kind.id, severity=kind.severity, evidence=evidence,
+                   waived=_decode(bool, data.get("waived", False), strict, f"{where}.waived"))
+
+
+# --------------------------------------------------------------------------
+# Flow record parts
+
+
+@dataclass(kw_only=True)
+class Nat:
+    """The tuple after our NAT, as perimeter tools see it."""
+
+    src: str
+    """The source address after NAT."""
+    sport: int | None = None
+    """The source port after NAT; None for ICMP."""
+
+
+@dataclass(kw_only=True)
+class TlsInfo:
+    sni: str | None = None
+    """Server Name Indication from the ClientHello; None when absent."""
+    alpn: list[str] | None = None
+    """ALPN protocols offered, in order; None when the extension is absent."""
+    ja3: str | None = None
+    """JA3 hash of the ClientHello."""
+    ja4: str | None = None
+    """JA4 fingerprint of the ClientHello."""
+    ech: bool | None = None
+    """True when the ClientHello carries encrypted_client_hello."""
+
+
+@dataclass(kw_only=True)
+class HttpInfo:
+    method: str | None = None
+    """The request method of the first request (GET, CONNECT, ...)."""
+    host: str | None = None
+    """The Host header (or CONNECT target) of the first request."""
+
+
+@dataclass(kw_only=True)
+class SshInfo:
+    client: str | None = None
+    """The client's identification string (banner)."""
+    server: str | None = None
+    """The server's identification string (banner)."""
+    hassh: str | None = None
+    """HASSH of the client's KEXINIT."""
+    hassh_server: str | None = None
+    """HASSH of the server's KEXINIT."""
+
+
+@dataclass(kw_only=True)
+class StratumInfo:
+    method: str | None = None
+    """The first mining JSON-RPC method seen."""
+    agent: str | None = None
+    """The miner's agent string, when sent."""
+
+
+@dataclass(kw_only=True)
+class DnsQuery:
+    name: str
+    """The name asked for, lower case, no trailing dot."""
+    type: str
+    """The query type (A, AAAA, TXT, ...)."""
+    answers: list[str] = field(default_factory=list)
+    """Answer data in order: addresses, and names for CNAME records."""
+    ttl: int | None = None
+    """The smallest TTL among the answers, in seconds; None without answers."""
+    rcode: str | None = None
+    """The response code (NOERROR, NXDOMAIN, ...); None when no response was seen."""
+
+
+@dataclass(kw_only=True)
+class DnsInfo:
+    queries: list[DnsQuery] = field(default_factory=list)
+    """The queries of the flow, in order."""
+
+
+@dataclass(kw_only=True)
+class QuicInfo:
+    version: str | None = None
+    """The QUIC version of the Initial packets (hex, e.g. 0x00000001)."""
+    sni: str | None = None
+    """The SNI from the decrypted ClientHello, where known."""
+
+
+@dataclass(kw_only=True)
+class ProcessInfo:
+    pid: int | None = None
+    """Process id in the host's PID namespace."""
+    ppid: int | None = None
+    """Parent's process id."""
+    uid: int | None = None
+    """The process's real uid."""
+    exe: str | None = None
+    """Path of the executable."""
+    cmdline: str | None = None
+    """Command line, with secrets redacted."""
+
+
+def _time():
+    return field(metadata={"time": True})
+
+
+@dataclass(kw_only=True)
+class FlowRecord:
+    """One flow, oriented from its initiator, as judged (DESIGN.md's flow record)."""
+
+    event: str = "final"
+    """``interim`` (periodic, cumulative counters) or ``final``."""
+    flow_id: str
+    """Ours, unique in a store (``f-`` and 8 base62 characters)."""
+    task: str | None = None
+    """The owning task; None for untagged flows."""
+    mode: Mode | None = None
+    """The mode the flow was judged in; None when not judged yet."""
+    community_id: str | None = None
+    """Community ID v1 of the pre-NAT tuple; None where not computable."""
+    proto: str
+    """tcp, udp, icmp, icmp6 or another IP protocol's name or number."""
+    ip_version: int
+    """4 or 6."""
+    direction: str = "outbound"
+    """``outbound`` (the task side initiated) or ``inbound``."""
+    src: str
+    """The initiator's address."""
+    sport: int | None = None
+    """The initiator's port; None for ICMP and other portless protocols."""
+    dst: str
+    """The responder's address."""
+    dport: int | None = None
+    """The responder's port; None for ICMP and other portless protocols."""
+    nat: Nat | None = None
+    """The tuple after our NAT; None without NAT."""
+    start: int = _time()
+    """First packet, microseconds since the epoch (UTC)."""
+    end: int | None = field(default=None, metadata={"time": True})
+    """Last packet so far; None when only the first was seen."""
+    conn_state: str | None = None
+    """Zeek's conn_state code (S0, SF, REJ, RSTO, ...); None when not tracked."""
+    observed: str = "full"
+    """What we saw: full, first-packets, first-packets+watch, conntrack-only."""
+    app: str | None = None
+    """tls, http, ssh, dns, quic, stratum, icmp or unknown; None before any payload."""
+    server_name: str | None = None
+    """The name the flow was made to; None when no name is known."""
+    name_source: str | None = None
+    """Where server_name came from: dns, sni, http-host; None without a name."""
+    tls: TlsInfo | None = None
+    """TLS details; None unless app is tls."""
+    http: HttpInfo | None = None
+    """HTTP details; None unless app is http."""
+    ssh: SshInfo | None = None
+    """SSH details; None unless app is ssh."""
+    stratum: StratumInfo | None = None
+    """Stratum details; None unless app is stratum."""
+    dns: DnsInfo | None = None
+    """DNS queries and answers; None unless app is dns."""
+    quic: QuicInfo | None = None
+    """QUIC details; None unless app is quic."""
+    bytes_out: int = 0
+    """IP bytes the initiator sent (as conntrack counts them)."""
+    bytes_in: int = 0
+    """IP bytes the responder sent."""
+    packets_out: int = 0
+    """Packets the initiator sent; live, offload can make them fewer than a capture."""
+    packets_in: int = 0
+    """Packets the responder sent."""
+    verdict: Verdict | None = None
+    """allow, flag or block; None before the judge decided."""
+    decided_at: Step | None = None
+    """The step at which the current verdict was reached."""
+    action: Action | None = None
+    """What the kernel did; None in replay."""
+    rule: str | None = None
+    """The allow rule that matched, as text; None when none did."""
+    findings: list[Finding] = field(default_factory=list)
+    """Findings on this flow, in the order raised."""
+    process: ProcessInfo | None = None
+    """The owning process; None where unknown."""
+
+    def to_json(self) -> dict:
+        out = {"schema": SCHEMA, "kind": "flow"}
+        out.update(_encode(self))
+        return out
+
+    @classmethod
+    def from_json(cls, data: typing.Any, *, strict: bool = False) -> "FlowRecord":
+        return _read_top(cls, data, "flow", strict)
+
+
+@dataclass(kw_only=True)
+class TaskEvent:
+    """A finding or happening that belongs to a task rather than one flow."""
+
+    task: str | None
+    """The task; None for host-wide events (events-lost of an untagged source)."""
+    time: int = _time()
+    """When it happened, microseconds since the epoch (UTC)."""
+    event: str
+    """task-started, task-ended, dns-refused, dns-tunnel, budget-exceeded, events-lost."""
+    findings: list[Finding] = field(default_factory=list)
+    """The findings of the event (none for task-started and task-ended)."""
+
+    def to_json(self) -> dict:
+        out = {"schema": SCHEMA, "kind": "task-event"}
+        out.update(_encode(self))
+        return out
+
+    @classmethod
+    def from_json(cls, data: typing.Any, *, strict: bool = False) -> "TaskEvent":
+        return _read_top(cls, data, "task-event", strict)
+
+
+@dataclass(frozen=True)
+class NameBinding:
+    """A DNS answer seen by a task: a name bound to an address from ``time`` on."""
+
+    task: str | None
+    """The task that resolved the name."""
+    name: str
+    """A name of the answer's chain (the query name or a CNAME target)."""
+    address: str
+    """An address of the answer."""
+    ttl: int
+    """The answer's TTL in seconds."""
+    time: int
+    """When the answer was seen, microseconds since the epoch."""
+    flow_id: str | None = None
+    """The DNS flow that carried the answer; None when not recorded as a flow."""
+
+
+TASK_EVENTS = ("task-started", "task-ended", "dns-refused", "dns-tunnel",
+               "budget-exceeded", "events-lost")
+
+
+def read_record(data: typing.Any, *, strict: bool = False) -> FlowRecord | TaskEvent:
+    """A flow record or task event from its JSON object, by its ``kind``."""
+    if not isinstance(data, dict):
+        raise RecordError("record: expected a JSON object")
+    kind = data.get("kind")
+    if kind == "flow":
+        return FlowRecord.from_json(data, strict=strict)
+    if kind == "task-event":
+        return TaskEvent.from_json(data, strict=strict)
+    raise RecordError(f"kind: expected 'flow' or 'task-event', not {kind!r}")
+
+
+# --------------------------------------------------------------------------
+# Times
+
+
+def format_time(us: int) -> str:
+    """Microseconds since the epoch as ISO 8601 UTC with ``Z``."""
+    t = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc) + _dt.timedelta(microseconds=us)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> int:
+    """ISO 8601 (a zone required, ``Z`` or an offset) to microseconds since the epoch."""
+    try:
+        t = _dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except (ValueError, AttributeError):
+        raise RecordError(f"not an ISO 8601 time: {text!r}") from None
+    if t.tzinfo is None:
+        raise RecordError(f"time without a zone (add Z for UTC): {text!r}")
+    delta = t - _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+# --------------------------------------------------------------------------
+# Generic encoding of the dataclasses above
+
+
+def _encode(value: typing.Any) -> typing.Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if isinstance(value, Finding):
+            return value.to_json()
+        out = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if f.metadata.get("time") and v is not None:
+                out[f.name] = format_time(v)
+            else:
+                out[f.name] = _encode(v)
+        return out
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _check_keys(data: dict, known: set, strict: bool, where: str) -> None:
+    if strict:
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RecordError(f"{where}: unknown field {unknown[0]!r}")
+
+
+_HINTS: dict[type, dict] = {}
+
+
+def _hints(cls: type) -> dict:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _decode(tp: typing.Any, value: typing.Any, strict: bool, where: str) -> typing.Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _decode(args[0], value, strict, where)
+    if value is None:
+        raise RecordError(f"{where}: must not be null")
+    if tp is typing.Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecordError(f"{where}: expected a list")
+        (item,) = typing.get_args(tp)
+        return [_decode(item, v, strict, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Finding:
+        return Finding.from_json(value, strict=strict, where=where)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in tp)
+            raise RecordError(f"{where}: {value!r} is not one of {choices}") from None
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecordError(f"{where}: expected an object")
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        _check_keys(value, set(fields), strict, where)
+        hints = _hints(tp)
+        kwargs = {}
+        for name, f in fields.items():
+            if name not in value:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise RecordError(f"{where}.{name}: missing")
+                continue
+            if f.metadata.get("time"):
+                v = value[name]
+                if v is None:
+                    kwargs[name] = _decode(hints[name], None, strict, f"{where}.{name}")
+                elif not isinstance(v, str):
+                    raise RecordError(f"{where}.{name}: expected an ISO 8601 time")
+                else:
+                    try:
+                        kwargs[name] = parse_time(v)
+                    except RecordError as e:
+                        raise RecordError(f"{where}.{name}: {e}") from None
+            else:
+                kwargs[name] = _decode(hints[name], value[name], strict, f"{where}.{name}")
+        return tp(**kwargs)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecordError(f"{where}: expected a number")
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise RecordError(f"{where}: expected {tp.__name__}, not {type(value).__name__}")
+    return value
+
+
+def _read_top(cls: type, data: typing.Any, kind: str, strict: bool):
+    if not isinstance(data, dict):
+        raise RecordError(f"{kind}: expected a JSON object")
+    if data.get("kind") != kind:
+        raise RecordError(f"kind: expected {kind!r}, not {data.get('kind')!r}")
+    schema = data.get("schema")
+    if schema != SCHEMA:
+        raise RecordError(f"schema: this reader knows schema {SCHEMA}, not {schema!r}")
+    body = {k: v for k, v in data.items() if k not in ("schema", "kind")}
+    return _decode(cls, body, strict, kind)
+
+
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def new_flow_id() -> str:
+    """A fresh flow id: ``f-`` and 8 random base62 characters (47 bits)."""
+    import secrets
+    return "f-" + "".join(secrets.choice(_BASE62) for _ in range(8))

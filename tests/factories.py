@@ -1,0 +1,61 @@
+"""Test factories: every test builds flows, findings and events here."""
+
+from __future__ import annotations
+
+import itertools
+
+from egress.records import (FlowRecord, Finding, TaskEvent, DnsInfo, DnsQuery, TlsInfo,
+                            SshInfo, HttpInfo, parse_time)
+
+T0 = parse_time("2026-03-11T02:14:07.120000Z")
+"""A fixed start time for hand-built flows (microseconds since the epoch)."""
+
+_ids = itertools.count(1)
+_ports = itertools.count(40000)
+
+
+def make_flow(**fields) -> FlowRecord:
+    """An outbound TCP flow of task ``t1`` to 203.0.113.10:443; override any field."""
+    n = next(_ids)
+    base = dict(flow_id=f"f-test{n:04d}", task="t1", proto="tcp", ip_version=4,
+                src="10.213.0.2", sport=next(_ports), dst="203.0.113.10", dport=443,
+                start=T0 + n * 1000, end=T0 + n * 1000 + 500_000, conn_state="SF",
+                observed="full", bytes_out=1200, bytes_in=5400, packets_out=8,
+                packets_in=7)
+    base.update(fields)
+    return FlowRecord(**base)
+
+
+def make_tls_flow(sni: str | None, **fields) -> FlowRecord:
+    return make_flow(app="tls", tls=TlsInfo(sni=sni, alpn=["h2", "http/1.1"]), **fields)
+
+
+def make_ssh_flow(**fields) -> FlowRecord:
+    fields.setdefault("dport", 22)
+    return make_flow(app="ssh", ssh=SshInfo(client="SSH-2.0-OpenSSH_9.2p1 Debian-2",
+                                            server="SSH-2.0-OpenSSH_9.2p1"), **fields)
+
+
+def make_http_flow(host: str | None, **fields) -> FlowRecord:
+    fields.setdefault("dport", 80)
+    return make_flow(app="http", http=HttpInfo(method="GET", host=host), **fields)
+
+
+def make_dns_flow(name: str, answers: list[str], *, qtype: str = "A", ttl: int = 300,
+                  **fields) -> FlowRecord:
+    """A DNS lookup by the task; its answers bind ``name`` (and CNAMEs) to addresses."""
+    fields.setdefault("dst", "10.213.0.1")
+    return make_flow(proto="udp", dport=53, app="dns", conn_state="SF",
+                     dns=DnsInfo(queries=[DnsQuery(name=name, type=qtype, answers=answers,
+                                                   ttl=ttl, rcode="NOERROR")]),
+                     **fields)
+
+
+def make_finding(id: str = "direct-ip", **evidence) -> Finding:
+    if id == "direct-ip" and not evidence:
+        evidence = {"address": "203.0.113.10"}
+    return Finding.make(id, **evidence)
+
+
+def make_event(event: str = "task-started", task: str = "t1", findings=(), time: int = T0):
+    return TaskEvent(task=task, time=time, event=event, findings=list(findings))
