@@ -1,0 +1,59 @@
+"""Detectors: small plug-ins, each one module with one ``inspect`` entry point.
+
+A detector declares the steps at which it looks and the observation window
+it needs, so that the live recorder can provide exactly that window and
+replay applies the same one. It returns findings; it never changes the
+flow. One that raises becomes an ``internal-error`` finding (the judge's
+job), never a crash and never a silent allow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+from egress.names import NameBinding
+from egress.records import Finding, FlowRecord, Step
+from tagging.manifest import Purpose
+
+
+@dataclass(frozen=True)
+class Window:
+    """What of a flow a detector needs to see."""
+
+    packets: int = 0
+    """The first N packets of each direction (with payload)."""
+    bytes: int = 0
+    """The first N payload bytes of each direction."""
+    watch: bool = False
+    """A headers-only feed (sizes, directions, times) of the whole flow, up to a cap."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a detector may know besides the flow; passed in, never global."""
+
+    step: Step
+    """The step being judged."""
+    purpose: Purpose | None
+    """The owning task's purpose; None for untagged flows."""
+    names: tuple[NameBinding, ...]
+    """The DNS bindings of the flow's destination for its task, latest first."""
+
+
+class Detector(Protocol):
+    name: str
+    """The detector's name, used in internal-error evidence."""
+    steps: frozenset[Step]
+    """The steps at which it inspects."""
+    window: Window
+    """The observation window it needs."""
+
+    def inspect(self, flow: FlowRecord, ctx: Context) -> Iterable[Finding]: ...
+
+
+def default_detectors() -> list[Detector]:
+    """Every detector that ships, in the order they run."""
+    from egress.detectors import metadata, stratum, ech
+    return [metadata.MetadataEndpoint(), stratum.MiningStratum(),
+            ech.EncryptedClientHello()]

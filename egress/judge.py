@@ -1,0 +1,270 @@
+"""The judge: a task's purpose plus the detectors give each flow a verdict.
+
+It decides in steps (DESIGN.md principle 8): at the flow's start on
+addresses, ports and DNS bindings; at the gate on the first payload; on a
+watched flow; at its end on totals. Each step sees only what that step
+would see live, and may change the verdict; the record keeps the latest and
+the step that reached it. In enforce mode a block is final: the kernel has
+cut the flow, so later steps do not run.
+
+The purpose's own findings (undeclared-destination, protocol-mismatch,
+ssh-egress, direct-ip, sni-mismatch, untagged) are recomputed at every step
+from all that is known by then; detector findings stay once raised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from egress.detectors import Context, Detector, default_detectors
+from egress.names import DnsBindings, NameBinding
+from egress.records import (Finding, FlowRecord, Mode, Severity, Step, TaskEvent,
+                            verdict_for, Verdict)
+from tagging.manifest import Purpose
+from tagging.rules import AllowRule, normalize_name
+
+POLICY_IDS = frozenset({"undeclared-destination", "protocol-mismatch", "ssh-egress",
+                        "direct-ip", "sni-mismatch", "untagged"})
+TRANSPORT_OF = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "icmp6": "icmp",
+                "ipv6-icmp": "icmp"}
+
+
+@dataclass(frozen=True)
+class TaskPolicy:
+    """A task as the judge sees it: its purpose and the mode it runs in."""
+
+    task: str
+    purpose: Purpose
+    mode: Mode
+
+
+@dataclass
+class _Totals:
+    connections: int = 0
+    bytes_out: int = 0
+    over: set[str] = field(default_factory=set)
+    """Limits already passed (each raises one task event)."""
+
+
+def steps_for(flow: FlowRecord) -> list[Step]:
+    """The steps a whole recorded flow passes through, in order."""
+    steps = [Step.START]
+    if flow.app is not None:
+        steps.append(Step.GATE)
+    if flow.observed in ("full", "first-packets+watch"):
+        steps.append(Step.WATCH)
+    if flow.event == "final":
+        steps.append(Step.END)
+    return steps
+
+
+class Judge:
+    """Judges flows of known tasks; keeps each task's DNS bindings and totals."""
+
+    def __init__(self, policies: Iterable[TaskPolicy] = (), *, mode: Mode = Mode.AUDIT,
+                 bindings: DnsBindings | None = None,
+                 detectors: Sequence[Detector] | None = None):
+        self.policies = {p.task: p for p in policies}
+        self.mode = mode
+        """The mode for flows no task owns."""
+        self.bindings = bindings if bindings is not None else DnsBindings()
+        self.detectors = list(default_detectors() if detectors is None else detectors)
+        self._totals: dict[str, _Totals] = {}
+        self._events: list[TaskEvent] = []
+
+    # ------------------------------------------------------------------ API
+
+    def learn_names(self, flow: FlowRecord) -> list[NameBinding]:
+        """Bind the names a DNS flow's answers give its task."""
+        return self.bindings.learn(flow)
+
+    def judge_flow(self, flow: FlowRecord) -> FlowRecord:
+        """Run a whole recorded flow through every step it reached."""
+        for step in steps_for(flow):
+            self.decide(flow, step)
+        return flow
+
+    def decide(self, flow: FlowRecord, step: Step) -> FlowRecord:
+        """Judge ``flow`` at ``step``; updates verdict, findings, rule, names in place."""
+        policy = self.policies.get(flow.task) if flow.task is not None else None
+        mode = policy.mode if policy else self.mode
+        if flow.mode is Mode.ENFORCE and flow.verdict is Verdict.BLOCK:
+            return flow  # cut by the kernel: nothing later happens to it
+        flow.mode = mode
+        names = tuple(self.bindings.lookup(flow.task, flow.dst, flow.start)) \
+            if flow.task is not None else ()
+        ctx = Context(step=step, purpose=policy.purpose if policy else None, names=names)
+
+        kept = [f for f in flow.findings if f.id not in POLICY_IDS]
+        try:
+            policy_findings, rule = self._policy(flow, step, policy, names)
+        except Exception as e:  # the judge's own failure must not allow silently
+            policy_findings, rule = [], None
+            _merge(kept, [_internal(step, "judge", e)])
+        for detector in self.detectors:
+            if step not in detector.steps:
+                continue
+            try:
+                found = list(detector.inspect(flow, ctx))
+            except Exception as e:
+                found = [_internal(step, detector.name, e)]
+            _merge(kept, found)
+        _merge(kept, self._budget(flow, step, policy, kept))
+
+        findings = policy_findings + kept
+        waive = policy.purpose.waive if policy else frozenset()
+        for f in findings:
+            f.waived = f.id in waive
+        flow.findings = findings
+        flow.rule = rule.describe() if rule is not None else None
+
+        worst = max((f.severity for f in findings if not f.waived),
+                    key=lambda s: s.rank, default=None)
+        verdict = verdict_for(worst, mode)
+        if verdict is not flow.verdict:
+            flow.verdict, flow.decided_at = verdict, step
+        return flow
+
+    def events(self) -> list[TaskEvent]:
+        """Task events raised since the last call (budget-exceeded, ...)."""
+        out, self._events = self._events, []
+        return out
+
+    # ------------------------------------------------------------ the purpose
+
+    def _policy(self, flow: FlowRecord, step: Step, policy: TaskPolicy | None,
+                names: tuple[NameBinding, ...]) -> tuple[list[Finding], AllowRule | None]:
+        if flow.task is None:
+            return [Finding.make("untagged", source=flow.src,
+                                 reason="no task owns this flow")], None
+        if policy is None:
+            raise LookupError(f"no purpose is loaded for task {flow.task!r}")
+        rules = policy.purpose.rules
+        at_gate = step is not Step.START
+        app = flow.app if at_gate else None
+        transport = TRANSPORT_OF.get(flow.proto, flow.proto)
+        seen_name, seen_source = _sent_name(flow) if at_gate else (None, None)
+        dns_names = [b.name for b in names]
+
+        # Names over addresses: the DNS names of the address, else the name sent.
+        if dns_names:
+            candidates = dns_names
+            flow.server_name = seen_name if seen_name in dns_names else dns_names[0]
+            flow.name_source = "dns"
+        elif seen_name:
+            candidates = [seen_name]
+            flow.server_name, flow.name_source = seen_name, seen_source
+        else:
+            candidates = []
+            flow.server_name = flow.name_source = None
+
+        findings: list[Finding] = []
+        covering = [r for r in rules if r.covers_port(transport, flow.dport)
+                    and r.covers_destination(candidates, flow.dst)]
+        rule = None
+        if not covering:
+            findings.append(Finding.make(
+                "undeclared-destination", name=candidates[0] if candidates else None,
+                address=flow.dst, port=flow.dport, transport=transport))
+        elif app is None:
+            rule = covering[0]  # provisional: the protocol is judged at the gate
+        else:
+            accepting = [r for r in covering if r.accepts_app(app, flow.dport)]
+            if accepting:
+                rule = accepting[0]
+            else:
+                findings.append(Finding.make(
+                    "protocol-mismatch", seen=app, rule=covering[0].describe(),
+                    expected=sorted({r.protocol_for(flow.dport) for r in covering})))
+
+        if app == "ssh" and not any(r.protocol_for(flow.dport) == "ssh" for r in covering):
+            findings.append(Finding.make(
+                "ssh-egress", client_banner=flow.ssh.client if flow.ssh else None,
+                declared_for_ssh=sorted({r.destination() for r in rules
+                                         if r.protocol == "ssh" or (r.protocol is None and r.ports
+                                             and any(lo <= 22 <= hi for lo, hi in r.ports))})))
+
+        resolver_flow = app == "dns" or (rule is not None
+                                         and rule.protocol_for(flow.dport) == "dns")
+        if not dns_names and not resolver_flow:
+            findings.append(Finding.make("direct-ip", address=flow.dst))
+
+        if dns_names and seen_name and seen_name not in dns_names:
+            findings.append(Finding.make("sni-mismatch", seen=seen_name, source=seen_source,
+                                         resolved_names=sorted(set(dns_names))))
+        return findings, rule
+
+    # -------------------------------------------------------------- budgets
+
+    def _budget(self, flow: FlowRecord, step: Step, policy: TaskPolicy | None,
+                present: list[Finding]) -> list[Finding]:
+        if policy is None or step not in (Step.START, Step.END):
+            return []
+        limits = policy.purpose.limits
+        totals = self._totals.setdefault(policy.task, _Totals())
+        if step is Step.START:
+            totals.connections += 1
+        else:
+            totals.bytes_out += flow.bytes_out
+        found = []
+        for limit, allowed, total in (("connections", limits.connections, totals.connections),
+                                      ("bytes_out", limits.bytes_out, totals.bytes_out)):
+            if allowed is None or total <= allowed or any(
+                    f.id == "budget-exceeded" and f.evidence.limit == limit for f in present):
+                continue
+            if limit == "bytes_out" and step is Step.START:
+                total = totals.bytes_out  # an earlier flow passed it: this one is over too
+            finding = Finding.make("budget-exceeded", limit=limit, allowed=allowed, total=total)
+            found.append(finding)
+            if limit not in totals.over:
+                totals.over.add(limit)
+                self._events.append(TaskEvent(
+                    task=policy.task, time=flow.start if step is Step.START else (flow.end or flow.start),
+                    event="budget-exceeded",
+                    findings=[Finding.make("budget-exceeded", limit=limit, allowed=allowed,
+                                           total=total)]))
+        return found
+
+
+def _merge(kept: list[Finding], found: Iterable[Finding]) -> None:
+    """Add findings once: a detector seeing the same thing at two steps says it once."""
+    for f in found:
+        if not any(_same(k, f) for k in kept):
+            kept.append(f)
+
+
+def _same(a: Finding, b: Finding) -> bool:
+    if a.id == b.id == "internal-error":  # one per failing part, at its first step
+        return a.evidence.component == b.evidence.component
+    return a.id == b.id and a.evidence == b.evidence
+
+
+def _sent_name(flow: FlowRecord) -> tuple[str | None, str | None]:
+    """The name the client sent (SNI, or HTTP Host without its port), normalised."""
+    raw, source = None, None
+    if flow.tls is not None and flow.tls.sni:
+        raw, source = flow.tls.sni, "sni"
+    elif flow.quic is not None and flow.quic.sni:
+        raw, source = flow.quic.sni, "sni"
+    elif flow.http is not None and flow.http.host and flow.http.method != "CONNECT":
+        raw, source = _strip_port(flow.http.host), "http-host"
+    if raw is None:
+        return None, None
+    try:
+        return normalize_name(raw), source
+    except ValueError:
+        return raw.lower(), source  # a malformed name still counts as sent, and mismatches
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):  # [v6]:port
+        return host[1:].split("]", 1)[0]
+    if host.count(":") == 1:
+        return host.split(":", 1)[0]
+    return host
+
+
+def _internal(step: Step, component: str, error: Exception) -> Finding:
+    return Finding.make("internal-error", stage=str(step), component=component,
+                        error=f"{type(error).__name__}: {error}")
