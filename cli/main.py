@@ -1,0 +1,254 @@
+"""The ``egress`` command: parse, call the library, render. Nothing else lives here."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import click
+
+from cli import render
+from cli.params import TASK_ID, flow_filters
+from egress import config as config_mod
+from egress.records import Mode, Severity, Verdict
+from egress.replay import replay as run_replay
+from egress.sources.flowlog import SourceError, read_flowlog
+from tagging import manifest, profiles as profiles_mod
+
+VIOLATIONS = 10
+"""Exit status when violations were found (DESIGN.md)."""
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Failure(click.ClickException):
+    """One clear line on stderr, exit status 1."""
+
+    def show(self, file=None):
+        click.echo(f"egress: {self.format_message()}", err=True)
+
+
+def _fail(error: Exception) -> Failure:
+    return Failure(str(error))
+
+
+def _store(ctx: click.Context, url: str | None):
+    """One store per command, closed when the command ends."""
+    from db import Store, StoreError, resolve_url
+    cfg = ctx.find_object(config_mod.Config) or config_mod.Config()
+    try:
+        store = Store.open(resolve_url(url, cfg.database))
+    except StoreError as e:
+        raise _fail(e)
+    ctx.call_on_close(store.close)
+    return store
+
+
+def _load_purpose(path: str) -> manifest.Purpose:
+    try:
+        return manifest.load(path)
+    except manifest.ManifestError as e:
+        raise _fail(e)
+
+
+DB_OPTION = click.option("--db", "db_url", metavar="URL",
+                         help="Store URL or SQLite path (default: EGRESS_DB, the config, "
+                              "then /var/lib/egress/egress.db as root or the XDG data dir).")
+JSON_OPTION = click.option("--json", "as_json", is_flag=True,
+                           help="JSON lines of the contract (flow records, task events).")
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Host configuration (default /etc/egress/config.toml, if present).")
+@click.version_option(package_name="egress", message="egress %(version)s")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """egress: network egress auditor for AI agents, tagged by task.
+
+    Every outbound flow of an agent is linked to its task, judged against
+    the purpose the task declared, and allowed, flagged or blocked.
+
+    Exit status: 0 fine, 1 error, 2 usage, 10 violations found.
+    """
+    try:
+        ctx.obj = config_mod.load(config_path)
+    except config_mod.ConfigError as e:
+        raise _fail(e)
+
+
+# ------------------------------------------------------------------ purpose
+
+@main.group(context_settings=CONTEXT)
+def purpose() -> None:
+    """Purpose manifests: what a task declared it needs."""
+
+
+@purpose.command("check", context_settings=CONTEXT)
+@click.argument("manifest_file", type=click.Path(dir_okay=False))
+@click.option("--mode", type=click.Choice(["audit", "enforce"]),
+              help="The mode the command line would ask for (may tighten, never loosen).")
+def purpose_check(manifest_file: str, mode: str | None) -> None:
+    """Validate MANIFEST_FILE and print its effective rules.
+
+    \b
+    Example:
+      egress purpose check examples/incident/purpose.toml
+    """
+    p = _load_purpose(manifest_file)
+    try:
+        effective = p.effective_mode(mode)
+    except manifest.ManifestError as e:
+        raise _fail(e)
+    render.purpose(render.console(), p, effective)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("name", required=False)
+def profiles(name: str | None) -> None:
+    """List the built-in destination profiles, or the rules of one.
+
+    \b
+    Examples:
+      egress profiles
+      egress profiles pypi
+    """
+    try:
+        if name:
+            render.profile(render.console(), profiles_mod.load(name))
+        else:
+            render.profile_list(render.console(),
+                                [profiles_mod.load(n) for n in profiles_mod.names()])
+    except profiles_mod.ProfileError as e:
+        raise _fail(e)
+
+
+# ------------------------------------------------------------------- replay
+
+@main.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--purpose", "purpose_file", type=click.Path(dir_okay=False),
+              help="The purpose manifest to judge by.")
+@click.option("--task", type=TASK_ID, help="The task that owns the flows (wins over the manifest's).")
+@click.option("--mode", type=click.Choice(["audit", "enforce"]),
+              help="Judge as audit or enforce (may tighten the manifest's, never loosen).")
+@DB_OPTION
+@click.option("--no-store", is_flag=True, help="Judge and print only; write nothing.")
+@JSON_OPTION
+@click.pass_context
+def replay(ctx, inputs, purpose_file, task, mode, db_url, no_store, as_json) -> None:
+    """Judge recorded flows under a purpose, as the live agent would have.
+
+    INPUTS are flow logs: JSON lines of flow records (``--json`` output of
+    egress, gzip read transparently). Recorded verdicts are ignored: each
+    flow is judged anew, DNS answers binding names for later flows.
+
+    \b
+    Example:
+      egress replay examples/incident/flows.jsonl \\
+          --purpose examples/incident/purpose.toml --db ./incident.db
+    """
+    p = _load_purpose(purpose_file) if purpose_file else None
+    cfg: config_mod.Config = ctx.obj
+    skipped: Counter = Counter()
+    try:
+        flows = [f for path in inputs for f in read_flowlog(path, skipped)]
+    except SourceError as e:
+        raise _fail(e)
+    from db import StoreError, StoreRecorder
+    on_record = (lambda r: click.echo(render.json_line(r))) if as_json else None
+    try:
+        recorder = None if no_store else StoreRecorder(_store(ctx, db_url), kind="replay",
+                                                       sources=list(inputs))
+        result = run_replay(flows, p, task=task, mode=Mode(mode) if mode else None,
+                            min_ttl_s=cfg.resolver.min_ttl, recorder=recorder,
+                            on_record=on_record, skipped=skipped)
+        if recorder is not None:
+            recorder.finish(result)
+    except (ValueError, manifest.ManifestError, StoreError) as e:
+        raise _fail(e)
+    if not as_json:
+        render.replay_summary(render.console(), result)
+    if result.violations:
+        ctx.exit(VIOLATIONS)
+
+
+# ------------------------------------------------------------ audit, explain
+
+@main.command(context_settings=CONTEXT)
+@DB_OPTION
+@flow_filters
+@click.option("--events/--no-events", default=True, help="Also list task events.")
+@JSON_OPTION
+@click.pass_context
+def audit(ctx, db_url, task, since, until, verdict, finding, events, as_json) -> None:
+    """List recorded flows and task events; exit 10 if any is a violation.
+
+    \b
+    Examples:
+      egress audit --task fix-1234 --since 1h
+      egress audit --verdict block --json
+      egress audit --finding reverse-ssh-tunnel --since 2026-03-11T00:00:00Z
+    """
+    from db import FlowFilter
+    store = _store(ctx, db_url)
+    filt = FlowFilter(task=task, since=since, until=until, verdict=verdict, finding=finding)
+    flows = store.flows(filt)
+    task_events = store.task_events(filt) if events and verdict is None else []
+    if as_json:
+        for record in sorted([*flows, *task_events],
+                             key=lambda r: r.start if hasattr(r, "start") else r.time):
+            click.echo(render.json_line(record))
+    else:
+        con = render.console()
+        render.flows(con, flows)
+        if task_events:
+            render.events(con, task_events)
+        con.print(f"{len(flows)} flow(s), {len(task_events)} task event(s)")
+    violation = any(f.verdict is not Verdict.ALLOW for f in flows) or any(
+        f.severity.rank >= Severity.MEDIUM.rank and not f.waived
+        for e in task_events for f in e.findings)
+    if violation:
+        ctx.exit(VIOLATIONS)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("flow_id")
+@DB_OPTION
+@JSON_OPTION
+@click.pass_context
+def explain(ctx, flow_id, db_url, as_json) -> None:
+    """Why a flow got its verdict: the rule or findings, their evidence, the DNS bindings.
+
+    \b
+    Example:
+      egress explain f-7Kq2mB9x
+    """
+    store = _store(ctx, db_url)
+    flow = store.flow(flow_id)
+    if flow is None:
+        raise Failure(f"no flow {flow_id!r} in the store")
+    bindings = store.bindings_for(flow.task, flow.dst, before=flow.start) if flow.task else []
+    if as_json:
+        click.echo(render.json_line(flow))
+        return
+    render.explain(render.console(), flow, bindings)
+
+
+# --------------------------------------------------------------- completion
+
+@main.command(context_settings=CONTEXT)
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script.
+
+    \b
+    Example (bash):
+      eval "$(egress completion bash)"
+    """
+    from click.shell_completion import get_completion_class
+    cls = get_completion_class(shell)
+    click.echo(cls(main, {}, "egress", "_EGRESS_COMPLETE").source())
+
+
+if __name__ == "__main__":
+    main()

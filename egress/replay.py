@@ -1,0 +1,139 @@
+"""Replay: judge recorded traffic under a purpose, as the live agent would have.
+
+Sources give whole flows; the replay orders them by start, lets DNS answers
+bind names for their task before later flows are judged, runs each flow
+through the judge's steps, and hands records, task events and DNS bindings
+to a recorder (the store, passed in) in batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+from egress.judge import Judge, TaskPolicy
+from egress.names import DnsBindings
+from egress.records import (FlowRecord, Mode, NameBinding, Severity, TaskEvent, Verdict)
+from tagging.manifest import Purpose
+
+BATCH = 2000
+
+
+class Recorder(Protocol):
+    """Where a replay's results go; ``db.StoreRecorder`` is the store's."""
+
+    def task(self, task: str, purpose: Purpose, mode: Mode, started: int) -> None: ...
+    def records(self, batch: list[FlowRecord | TaskEvent]) -> None: ...
+    def bindings(self, batch: list[NameBinding]) -> None: ...
+    def end_task(self, task: str, ended: int) -> None: ...
+
+
+@dataclass
+class TaskSummary:
+    task: str | None
+    flows: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    verdicts: Counter = field(default_factory=Counter)
+    """Flows by verdict."""
+    severities: Counter = field(default_factory=Counter)
+    """Counted (not waived) findings by severity, flows and task events."""
+    findings: Counter = field(default_factory=Counter)
+    """Counted findings by id."""
+
+
+@dataclass
+class ReplayResult:
+    tasks: dict[str | None, TaskSummary]
+    skipped: Counter
+    """Input the sources could not use, by reason."""
+    violations: bool
+    """A flow flagged or blocked, or a task event of medium severity or above."""
+
+
+def _reset(flow: FlowRecord, task: str | None) -> FlowRecord:
+    """The observation only: a recorded judgement is not evidence for a new one."""
+    return dataclasses.replace(flow, task=task, mode=None, verdict=None, decided_at=None,
+                               action=None, rule=None, findings=[], server_name=None,
+                               name_source=None)
+
+
+def replay(flows: Iterable[FlowRecord], purpose: Purpose | None, *,
+           task: str | None = None, mode: Mode | None = None,
+           min_ttl_s: int | None = None, recorder: Recorder | None = None,
+           on_record: Callable[[FlowRecord | TaskEvent], None] | None = None,
+           skipped: Counter | None = None) -> ReplayResult:
+    """Judge ``flows`` under ``purpose``.
+
+    ``task`` (or the purpose's own) owns every tagged flow; without either,
+    each flow keeps the task it was recorded with. Untagged flows stay
+    untagged and are flagged.
+    """
+    owner = task or (purpose.task if purpose else None)
+    run_mode = purpose.effective_mode(mode) if purpose else Mode(mode or Mode.AUDIT)
+    ordered = sorted((_reset(f, owner if (owner and f.task is not None) else f.task)
+                      for f in flows), key=lambda f: (f.start, f.flow_id))
+    tasks = sorted({f.task for f in ordered if f.task is not None})
+    if tasks and purpose is None:
+        raise ValueError(f"flows of task {tasks[0]!r} need a purpose to be judged by (--purpose)")
+    policies = [TaskPolicy(t, purpose, run_mode) for t in tasks] if purpose else []
+    bindings = DnsBindings(min_ttl_s) if min_ttl_s is not None else DnsBindings()
+    judge = Judge(policies, mode=run_mode, bindings=bindings)
+
+    summaries: dict[str | None, TaskSummary] = {}
+    pending: list[FlowRecord | TaskEvent] = []
+    pending_names: list[NameBinding] = []
+    violations = False
+
+    def emit(record: FlowRecord | TaskEvent) -> None:
+        nonlocal violations
+        summary = summaries.setdefault(record.task, TaskSummary(record.task))
+        counted = [f for f in record.findings if not f.waived]
+        summary.severities.update(str(f.severity) for f in counted)
+        summary.findings.update(f.id for f in counted)
+        if isinstance(record, FlowRecord):
+            summary.flows += 1
+            summary.bytes_out += record.bytes_out
+            summary.bytes_in += record.bytes_in
+            summary.verdicts[str(record.verdict)] += 1
+            violations |= record.verdict is not Verdict.ALLOW
+        else:
+            violations |= any(f.severity.rank >= Severity.MEDIUM.rank for f in counted)
+        pending.append(record)
+        if on_record:
+            on_record(record)
+
+    def flush() -> None:
+        if recorder is not None:
+            if pending_names:
+                recorder.bindings(list(pending_names))
+            if pending:
+                recorder.records(list(pending))
+        pending.clear()
+        pending_names.clear()
+
+    first = {t: min(f.start for f in ordered if f.task == t) for t in tasks}
+    last = {t: max((f.end or f.start) for f in ordered if f.task == t) for t in tasks}
+    for t in tasks:
+        if recorder is not None:
+            recorder.task(t, purpose, run_mode, first[t])
+        emit(TaskEvent(task=t, time=first[t], event="task-started"))
+
+    for flow in ordered:
+        if flow.dns is not None and flow.task is not None:
+            pending_names.extend(judge.learn_names(flow))
+        judge.judge_flow(flow)
+        emit(flow)
+        for event in judge.events():
+            emit(event)
+        if len(pending) >= BATCH:
+            flush()
+
+    for t in tasks:
+        emit(TaskEvent(task=t, time=last[t], event="task-ended"))
+        if recorder is not None:
+            recorder.end_task(t, last[t])
+    flush()
+    return ReplayResult(tasks=summaries, skipped=skipped or Counter(), violations=violations)

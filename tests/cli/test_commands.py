@@ -1,0 +1,172 @@
+"""The commands, in-process with CliRunner: output, exit statuses, one-line errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from egress.records import FlowRecord, TaskEvent, read_record, format_time
+
+ROOT = Path(__file__).resolve().parents[2]
+PURPOSE = str(ROOT / "examples/incident/purpose.toml")
+FLOWS = str(ROOT / "examples/incident/flows.jsonl")
+
+
+def run(*args, env=None):
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+@pytest.fixture
+def filled(store_url):
+    """A store filled by replaying the bundled incident."""
+    result = run("replay", FLOWS, "--purpose", PURPOSE, "--db", store_url)
+    assert result.exit_code == 10, result.output
+    return store_url
+
+
+def test_purpose_check_prints_effective_rules():
+    result = run("purpose", "check", PURPOSE)
+    assert result.exit_code == 0
+    assert "ci.billing.example" in result.output and "profile pypi allow[0]" in result.output
+    assert "\x1b[" not in result.output  # plain when not a terminal
+
+
+def test_purpose_check_refuses_loosening():
+    result = run("purpose", "check", PURPOSE, "--mode", "audit")
+    assert result.exit_code == 0
+    enforce = ROOT / "tests/cli/enforce.toml"
+    result = run("purpose", "check", enforce, "--mode", "audit")
+    assert result.exit_code == 1 and "may not loosen" in result.output
+
+
+def test_bad_manifest_is_one_line_exit_1(tmp_path):
+    bad = tmp_path / "task.toml"
+    bad.write_text('version = 1\npurpose = "x"\n[[allow]]\nhost = "a.example"\nports = [0]\n')
+    result = run("purpose", "check", bad)
+    assert result.exit_code == 1
+    assert result.output == f"egress: {bad}: allow[0].ports: 0 is not a port (1-65535)\n"
+
+
+def test_profiles():
+    listing = run("profiles")
+    assert listing.exit_code == 0
+    for name in ("dns", "pypi", "npm", "github", "openai"):
+        assert f"\n{name} " in listing.output
+    one = run("profiles", "pypi")
+    assert "files.pythonhosted.org" in one.output and "source:" in one.output
+    missing = run("profiles", "nope")
+    assert missing.exit_code == 1 and "no built-in profile 'nope'" in missing.output
+
+
+def test_replay_json_lines_follow_the_contract():
+    result = run("replay", FLOWS, "--purpose", PURPOSE, "--no-store", "--json")
+    assert result.exit_code == 10
+    records = [read_record(json.loads(line), strict=True) for line in result.output.splitlines()]
+    flows = [r for r in records if isinstance(r, FlowRecord)]
+    events = [r for r in records if isinstance(r, TaskEvent)]
+    assert len(flows) == len(Path(FLOWS).read_text().splitlines())
+    assert [e.event for e in events] == ["task-started", "task-ended"]
+    by_id = {f.flow_id: f for f in flows}
+    assert {f.id for f in by_id["f-incid012"].findings} >= {"mining-stratum"}
+
+
+def test_replay_enforce_blocks(tmp_path):
+    result = run("replay", FLOWS, "--purpose", PURPOSE, "--mode", "enforce", "--no-store",
+                 "--json")
+    verdicts = {json.loads(l)["flow_id"]: json.loads(l).get("verdict")
+                for l in result.output.splitlines() if '"kind":"flow"' in l}
+    assert verdicts["f-incid010"] == "block"    # SSH to an undeclared relay
+    assert verdicts["f-incid002"] == "allow"    # PyPI over TLS
+
+
+def test_replay_not_a_flow_log(tmp_path):
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("this is not json\n")
+    result = run("replay", junk, "--purpose", PURPOSE, "--no-store")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"egress: {junk}: not a flow log (line 1")
+    assert result.output.count("\n") == 1
+
+
+def test_replay_counts_and_skips_bad_lines(tmp_path):
+    log = tmp_path / "flows.jsonl"
+    log.write_text(Path(FLOWS).read_text() + "{broken\n" + '{"kind": "flow", "schema": 1}\n')
+    result = run("replay", log, "--purpose", PURPOSE, "--no-store")
+    assert result.exit_code == 10
+    assert "skipped 1 input record(s): invalid JSON" in result.output
+    assert "skipped 1 input record(s): not a flow record" in result.output
+
+
+def test_audit_json_parses_against_the_contract(filled):
+    result = run("audit", "--db", filled, "--json")
+    assert result.exit_code == 10
+    lines = result.output.splitlines()
+    records = [read_record(json.loads(line), strict=True) for line in lines]
+    flows = [r for r in records if isinstance(r, FlowRecord)]
+    assert len(flows) == len(Path(FLOWS).read_text().splitlines())
+    assert all(json.loads(line)["schema"] == 1 for line in lines)
+    assert all(f.verdict is not None and f.decided_at is not None for f in flows)
+
+
+def test_audit_filters(filled):
+    def listed(*args):
+        result = run("audit", "--db", filled, "--json", "--no-events", *args)
+        return result.exit_code, [json.loads(l)["flow_id"] for l in result.output.splitlines()]
+
+    code, ids = listed("--finding", "mining-stratum")
+    assert (code, ids) == (10, ["f-incid012"])
+    code, ids = listed("--verdict", "allow")
+    assert code == 0 and "f-incid002" in ids and "f-incid010" not in ids
+    code, ids = listed("--task", "someone-else")
+    assert (code, ids) == (0, [])
+    code, ids = listed("--since", "2026-03-11T02:15:00Z")   # flows still open then
+    assert "f-incid010" in ids and "f-incid002" not in ids
+    code, ids = listed("--until", "2026-03-11T02:10:01Z")
+    assert ids == ["f-incid001", "f-incid002"]
+
+
+def test_audit_table_is_plain(filled):
+    result = run("audit", "--db", filled, env={"NO_COLOR": "1"})
+    assert result.exit_code == 10
+    assert "\x1b[" not in result.output
+    assert "mining-stratum" in result.output and "task-started" in result.output
+
+
+def test_audit_bad_time_is_usage_error(filled):
+    result = run("audit", "--db", filled, "--since", "yesterday")
+    assert result.exit_code == 2 and "neither a duration" in result.output
+
+
+def test_explain(filled):
+    result = run("explain", "f-incid010", "--db", filled)
+    assert result.exit_code == 0
+    out = result.output
+    assert "ssh-egress" in out and "undeclared-destination" in out
+    assert "relay.example -> 198.51.100.7" in out          # the DNS binding used
+    assert "decided at" in out
+    missing = run("explain", "f-nothere", "--db", filled)
+    assert missing.exit_code == 1 and "no flow 'f-nothere'" in missing.output
+
+
+def test_completion_script():
+    result = run("completion", "bash")
+    assert result.exit_code == 0 and "_EGRESS_COMPLETE" in result.output
+
+
+def test_every_command_has_an_example():
+    for name, command in main.commands.items():
+        sub = getattr(command, "commands", None)
+        for cmd in (sub.values() if sub else [command]):
+            assert "Example" in (cmd.help or ""), f"{name} {cmd.name} has no example"
+
+
+def test_bad_config_is_one_line(tmp_path):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("nonsense = 1\n")
+    result = run("--config", cfg, "profiles")
+    assert result.exit_code == 1 and result.output.startswith(f"egress: {cfg}: nonsense: ")
