@@ -1,0 +1,38 @@
+# The README's two set-up commands: `make demo` and `make test`.
+# Both install into a project virtualenv (.venv): our top-level packages `cli`
+# and `db` have generic names that would collide in a shared site-packages.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := .demo
+
+.PHONY: demo test install system-deps clean
+
+$(BIN)/egress: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/egress
+
+# The main job on the bundled default: the seed incident's flows judged against
+# the task's declared purpose, stored, then audited and explained.
+# Exit status 10 means "violations found", which is what this incident shows.
+demo: install
+	$(BIN)/egress purpose check examples/incident/purpose.toml
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(BIN)/egress replay examples/incident/flows.jsonl \
+	    --purpose examples/incident/purpose.toml --db $(DEMO)/egress.db || [ $$? -eq 10 ]
+	$(BIN)/egress audit --db $(DEMO)/egress.db --verdict flag || [ $$? -eq 10 ]
+	$(BIN)/egress explain f-incid012 --db $(DEMO)/egress.db
+
+system-deps:
+	./tests/system-deps.sh
+
+test: system-deps install
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) $(DEMO) *.egg-info

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# System packages the tests use: PostgreSQL (the store tests run against a
+# throwaway cluster of their own), make and python3-venv. Installed with apt
+# when missing and we are root; otherwise we say what is missing.
+set -euo pipefail
+
+need=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v make >/dev/null || need+=(make)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+    echo "tests: missing system packages: ${need[*]} (install them, or run as root)" >&2
+    [ "${CI:-}" = "true" ] && exit 1
+    exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
