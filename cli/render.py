@@ -113,10 +113,21 @@ def flows(con: Console, records: list[FlowRecord]) -> None:
             Text(x.id + ("(waived)" if x.waived else ""),
                  style="" if x.waived else SEVERITY_STYLE[x.severity]) for x in f.findings)
         table.add_row(short_time(f.start), f.flow_id, f.task or "-", f.proto,
-                      endpoint(f.dst, f.dport), f.server_name or "-", f.app or "-",
+                      endpoint(f.dst, f.dport), _name(f), f.app or "-",
                       Text(str(f.verdict), style=VERDICT_STYLE.get(str(f.verdict), "")),
                       findings if f.findings else "-")
     con.print(table)
+
+
+def _name(f: FlowRecord) -> str:
+    """The flow's server name; for a lookup, what it asked (``?pypi.org A``)."""
+    if f.server_name:
+        return f.server_name
+    if f.dns is not None and f.dns.queries:
+        q = f.dns.queries[0]
+        more = f" +{len(f.dns.queries) - 1}" if len(f.dns.queries) > 1 else ""
+        return f"?{q.name} {q.type}{more}"
+    return "-"
 
 
 def events(con: Console, records: list[TaskEvent]) -> None:
