@@ -11,7 +11,7 @@ from cli.params import TASK_ID, flow_filters
 from egress import config as config_mod
 from egress.records import Mode, Severity, Verdict
 from egress.replay import replay as run_replay
-from egress.sources.flowlog import SourceError, read_flowlog
+from egress.sources.flowlog import SourceError, flowlog_items
 from tagging import manifest, profiles as profiles_mod
 
 VIOLATIONS = 10
@@ -151,7 +151,7 @@ def replay(ctx, inputs, purpose_file, task, mode, db_url, no_store, as_json) -> 
     cfg: config_mod.Config = ctx.obj
     skipped: Counter = Counter()
     try:
-        flows = [f for path in inputs for f in read_flowlog(path, skipped)]
+        items = flowlog_items(inputs, skipped)
     except SourceError as e:
         raise _fail(e)
     from db import StoreError, StoreRecorder
@@ -159,7 +159,7 @@ def replay(ctx, inputs, purpose_file, task, mode, db_url, no_store, as_json) -> 
     try:
         recorder = None if no_store else StoreRecorder(_store(ctx, db_url), kind="replay",
                                                        sources=list(inputs))
-        result = run_replay(flows, p, task=task, mode=Mode(mode) if mode else None,
+        result = run_replay(items, p, task=task, mode=Mode(mode) if mode else None,
                             min_ttl_s=cfg.resolver.min_ttl, recorder=recorder,
                             on_record=on_record, skipped=skipped)
         if recorder is not None:

@@ -20,8 +20,10 @@ from egress.records import (SCHEMA, FlowRecord, Mode, NameBinding, RecordError, 
                             format_time)
 from tagging.manifest import ManifestError, Purpose
 
-SUBRECORDS = ("nat", "tls", "http", "ssh", "stratum", "dns", "quic", "process")
+SUBRECORDS = ("nat", "tls", "http", "ssh", "stratum", "dns", "quic", "process", "weird")
 """FlowRecord fields stored as JSON text columns."""
+NULL_MEANS = {"weird": []}
+"""What a null JSON column means for fields that are never None (rows older than the column)."""
 TIMES = ("start", "end")
 SCALARS = tuple(f.name for f in dataclasses.fields(FlowRecord)
                 if f.name not in SUBRECORDS and f.name != "findings")
@@ -138,7 +140,7 @@ def flow_from_row(row: Mapping, findings: list[Mapping]) -> FlowRecord:
             obj[name] = format_time(row[name])
     for name in SUBRECORDS:
         text = row[name]
-        obj[name] = None if text is None else _loads(text, f"flow.{name}")
+        obj[name] = NULL_MEANS.get(name) if text is None else _loads(text, f"flow.{name}")
     obj["findings"] = [_finding_json(f) for f in findings]
     return FlowRecord.from_json(obj, strict=True)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections import defaultdict
 
-from egress.records import FlowRecord, NameBinding
+from egress.records import DnsQuery, FlowRecord, NameBinding
 from tagging.rules import normalize_name
 
 DEFAULT_MIN_TTL_S = 3600
@@ -29,28 +29,30 @@ def _is_address(text: str) -> bool:
 def bindings_from(flow: FlowRecord) -> list[NameBinding]:
     """Every (name, address) an observed DNS flow's answers give its task.
 
-    Each answer binds every name of its CNAME chain to the chain's addresses.
+    The flow's start, not its end, is when they bind: a later query on the
+    same socket must not delay the first answer's binding.
     """
     if flow.dns is None:
         return []
-    # The flow's start, not its end: a later query on the same socket must not
-    # delay the first answer's binding (a response never precedes its flow).
-    seen_at = flow.start
+    return [b for q in flow.dns.queries
+            for b in query_bindings(q, flow.task, flow.start, flow.flow_id)]
+
+
+def query_bindings(q: DnsQuery, task: str | None, time: int,
+                   flow_id: str | None) -> list[NameBinding]:
+    """Each answer binds every name of its CNAME chain to the chain's addresses."""
+    addresses = [a for a in q.answers if _is_address(a)]
+    if not addresses:
+        return []
     out = []
-    for q in flow.dns.queries:
-        addresses = [a for a in q.answers if _is_address(a)]
-        if not addresses:
-            continue
-        chain = [q.name] + [a for a in q.answers if not _is_address(a)]
-        for raw in chain:
-            try:
-                name = normalize_name(raw)
-            except ValueError:
-                continue  # a malformed name in an answer binds nothing
-            for address in addresses:
-                out.append(NameBinding(task=flow.task, name=name,
-                                       address=str(ipaddress.ip_address(address)),
-                                       ttl=q.ttl or 0, time=seen_at, flow_id=flow.flow_id))
+    for raw in [q.name] + [a for a in q.answers if not _is_address(a)]:
+        try:
+            name = normalize_name(raw)
+        except ValueError:
+            continue  # a malformed name in an answer binds nothing
+        for address in addresses:
+            out.append(NameBinding(task=task, name=name, address=str(ipaddress.ip_address(address)),
+                                   ttl=q.ttl or 0, time=time, flow_id=flow_id))
     return out
 
 

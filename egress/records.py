@@ -550,6 +550,9 @@ class FlowRecord:
     """Zeek's conn_state code (S0, SF, REJ, RSTO, ...); None when not tracked."""
     observed: str = "full"
     """What we saw: full, first-packets, first-packets+watch, conntrack-only."""
+    weird: list[str] = field(default_factory=list)
+    """Anomalies, as Zeek's weird.log names them: ``midstream`` (picked up after its
+    start), ``overlap-conflict`` (retransmitted bytes that differ); empty when none."""
     app: str | None = None
     """tls, http, ssh, dns, quic, stratum, icmp or unknown; None before any payload."""
     server_name: str | None = None

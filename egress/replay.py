@@ -60,31 +60,28 @@ def _reset(flow: FlowRecord, task: str | None) -> FlowRecord:
                                name_source=None)
 
 
-def replay(flows: Iterable[FlowRecord], purpose: Purpose | None, *,
+def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *,
            task: str | None = None, mode: Mode | None = None,
            min_ttl_s: int | None = None, recorder: Recorder | None = None,
            on_record: Callable[[FlowRecord | TaskEvent], None] | None = None,
            skipped: Counter | None = None) -> ReplayResult:
-    """Judge ``flows`` under ``purpose``.
+    """Judge a source's items under ``purpose``, in the order the source gives them.
 
-    ``task`` (or the purpose's own) owns every tagged flow; without either,
-    each flow keeps the task it was recorded with. Untagged flows stay
-    untagged and are flagged.
+    A source gives DNS bindings when the answer was seen and flows when they
+    end (a capture), or both in start order (a flow log). ``task`` (or the
+    purpose's own) owns every tagged flow and binding; without either, each
+    keeps the task it was recorded with. Untagged flows stay untagged and
+    are flagged.
     """
     owner = task or (purpose.task if purpose else None)
     run_mode = purpose.effective_mode(mode) if purpose else Mode(mode or Mode.AUDIT)
-    ordered = sorted((_reset(f, owner if (owner and f.task is not None) else f.task)
-                      for f in flows), key=lambda f: (f.start, f.flow_id))
-    tasks = sorted({f.task for f in ordered if f.task is not None})
-    if tasks and purpose is None:
-        raise ValueError(f"flows of task {tasks[0]!r} need a purpose to be judged by (--purpose)")
-    policies = [TaskPolicy(t, purpose, run_mode) for t in tasks] if purpose else []
-    bindings = DnsBindings(min_ttl_s) if min_ttl_s is not None else DnsBindings()
-    judge = Judge(policies, mode=run_mode, bindings=bindings)
+    judge = Judge([], mode=run_mode,
+                  bindings=DnsBindings(min_ttl_s) if min_ttl_s is not None else DnsBindings())
 
     summaries: dict[str | None, TaskSummary] = {}
     pending: list[FlowRecord | TaskEvent] = []
     pending_names: list[NameBinding] = []
+    spans: dict[str, list[int]] = {}    # task -> [first start, last end]
     violations = False
 
     def emit(record: FlowRecord | TaskEvent) -> None:
@@ -114,16 +111,29 @@ def replay(flows: Iterable[FlowRecord], purpose: Purpose | None, *,
         pending.clear()
         pending_names.clear()
 
-    first = {t: min(f.start for f in ordered if f.task == t) for t in tasks}
-    last = {t: max((f.end or f.start) for f in ordered if f.task == t) for t in tasks}
-    for t in tasks:
+    def begin(t: str, at: int) -> None:
+        if purpose is None:
+            raise ValueError(f"flows of task {t!r} need a purpose to be judged by (--purpose)")
+        judge.policies[t] = TaskPolicy(t, purpose, run_mode)
+        spans[t] = [at, at]
         if recorder is not None:
-            recorder.task(t, purpose, run_mode, first[t])
-        emit(TaskEvent(task=t, time=first[t], event="task-started"))
+            recorder.task(t, purpose, run_mode, at)
+        emit(TaskEvent(task=t, time=at, event="task-started"))
 
-    for flow in ordered:
-        if flow.dns is not None and flow.task is not None:
-            pending_names.extend(judge.learn_names(flow))
+    for item in items:
+        if isinstance(item, NameBinding):
+            if owner and item.task is not None:
+                item = dataclasses.replace(item, task=owner)
+            judge.bindings.add(item)
+            pending_names.append(item)
+            continue
+        flow = _reset(item, owner if (owner and item.task is not None) else item.task)
+        if flow.task is not None:
+            if flow.task not in spans:
+                begin(flow.task, flow.start)
+            span = spans[flow.task]
+            span[0] = min(span[0], flow.start)
+            span[1] = max(span[1], flow.end or flow.start)
         judge.judge_flow(flow)
         emit(flow)
         for event in judge.events():
@@ -131,9 +141,10 @@ def replay(flows: Iterable[FlowRecord], purpose: Purpose | None, *,
         if len(pending) >= BATCH:
             flush()
 
-    for t in tasks:
-        emit(TaskEvent(task=t, time=last[t], event="task-ended"))
+    for t, (_, last) in spans.items():
+        emit(TaskEvent(task=t, time=last, event="task-ended"))
         if recorder is not None:
-            recorder.end_task(t, last[t])
+            recorder.end_task(t, last)
     flush()
-    return ReplayResult(tasks=summaries, skipped=skipped or Counter(), violations=violations)
+    return ReplayResult(tasks=summaries, skipped=skipped if skipped is not None else Counter(),
+                        violations=violations)

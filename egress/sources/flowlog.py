@@ -14,7 +14,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from egress.records import FlowRecord, RecordError
+from egress.names import bindings_from
+from egress.records import FlowRecord, NameBinding, RecordError
 
 
 class SourceError(ValueError):
@@ -52,6 +53,17 @@ def read_flowlog(path: str | Path, skipped: Counter) -> list[FlowRecord]:
             raise SourceError(f"{path}: cannot read: {e}") from None
         skipped["truncated file"] += 1  # keep what was read before the damage
     return flows
+
+
+def flowlog_items(paths, skipped: Counter) -> list[FlowRecord | NameBinding]:
+    """A replay's items from flow logs: in start order, each DNS flow's bindings first."""
+    flows = sorted((f for path in paths for f in read_flowlog(path, skipped)),
+                   key=lambda f: (f.start, f.flow_id))
+    items: list[FlowRecord | NameBinding] = []
+    for flow in flows:
+        items.extend(bindings_from(flow))
+        items.append(flow)
+    return items
 
 
 def _short(e: Exception) -> str:

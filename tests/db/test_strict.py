@@ -82,3 +82,11 @@ def test_unknown_key_in_a_stored_purpose_fails(store):
         s.execute(sa.update(TaskRow).values(expanded=expanded[:-1] + ',"sneaky":1}'))
     with pytest.raises(StoreError, match="task t1"):
         store.task("t1")
+
+
+def test_rows_older_than_the_weird_column_read_as_no_anomalies(store):
+    store.write([make_flow(flow_id="f-oldrow01", weird=["midstream"])])
+    assert store.flow("f-oldrow01").weird == ["midstream"]
+    with store.session() as s:
+        s.execute(sa.update(Flow).values(weird=None))   # as revision 0002 leaves old rows
+    assert store.flow("f-oldrow01").weird == []
