@@ -110,7 +110,7 @@ class Flow:
     __slots__ = ("key", "rkey", "ipver", "proto", "src", "dst", "sport", "dport", "start",
                  "last", "pkts_o", "pkts_r", "bytes_o", "bytes_r", "tcp", "cstream",
                  "sstream", "cgrams", "sgrams", "icmp", "collecting", "ident", "weird",
-                 "closed_at", "midstream", "flow_id")
+                 "closed_at", "midstream", "flow_id", "idle")
 
     def __init__(self, key, rkey, ipver, proto, src, dst, sport, dport, ts):
         self.key, self.rkey = key, rkey
@@ -129,6 +129,7 @@ class Flow:
         self.closed_at = None
         self.midstream = False
         self.flow_id: str | None = None  # given when first needed (a DNS answer names it)
+        self.idle = IDLE_US.get(proto, IDLE_OTHER_US)
 
 
 class FlowTable:
@@ -156,8 +157,9 @@ class FlowTable:
         hit = self.flows.get(key)
         if hit is not None:
             flow, is_orig = hit
-            if proto == TCP and flags & SYN and not flags & ACK and flow.closed_at is not None:
-                self._finish(flow)            # a port reused after the close: a new flow
+            if ts - flow.last > flow.idle or (
+                    proto == TCP and flags & SYN and not flags & ACK and flow.closed_at is not None):
+                self._finish(flow)            # idle past its timeout, or a port reused: a new flow
                 hit = None
         if hit is None:
             flow, is_orig = self._new(key, ts, ipver, src, dst, proto, sport, dport, flags, seq)
@@ -200,6 +202,7 @@ class FlowTable:
 
     def _new(self, key, ts, ipver, src, dst, proto, sport, dport, flags, seq):
         rkey = (dst, src, dport, sport, proto) if key[3] != -1 else (dst, src, seq, -1, proto)
+        first_type, first_code = sport, dport   # ICMP: the first packet's own type and code
         swap = False
         if proto == TCP and flags & SYN and flags & ACK:
             swap = True                       # a SYN-ACK first: the other side initiated
@@ -216,9 +219,9 @@ class FlowTable:
         elif proto == UDP:
             flow.cgrams, flow.sgrams = [], []
         elif proto in (1, 58):
-            flow.icmp = [sport, dport, [], not swap]  # first packet's type, code; payloads; its side
-        self.flows[key] = (flow, True)
+            flow.icmp = [first_type, first_code, [], not swap]  # payloads; the first packet's side
         self.flows[rkey] = (flow, False)
+        self.flows[key] = (flow, True)        # a flow to itself has one key: the initiator's
         self.open += 1
         self.stats["flows"] += 1
         if self.open > self.max_flows:

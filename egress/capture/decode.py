@@ -19,6 +19,7 @@ from collections import Counter
 
 _H = struct.Struct("!H").unpack_from
 _HH = struct.Struct("!HH").unpack_from
+_IPV4 = struct.Struct("!BxHHHxBxx4s4s").unpack_from  # vhl, total, id, frag, proto, src, dst
 _TCP = struct.Struct("!HHIIH").unpack_from
 _I_LE = struct.Struct("<I").unpack_from
 _I_BE = struct.Struct("!I").unpack_from
@@ -56,6 +57,8 @@ class Decoder:
                 return None
             (ethertype,) = _H(buf, off + 12)
             off += 14
+            if ethertype == ETH_IPV4:        # the common case, without a call more
+                return self.ipv4(ts, buf, off, end)
             while ethertype in VLAN_TAGS:
                 if off + 4 > end:
                     self.malformed["short VLAN tag"] += 1
@@ -154,27 +157,22 @@ class Decoder:
         if end - off < 20:
             self.malformed["short IPv4 header"] += 1
             return None
-        vhl = buf[off]
+        vhl, total, ident, frag, proto, src, dst = _IPV4(buf, off)
         ihl = (vhl & 15) * 4
         if vhl >> 4 != 4 or ihl < 20 or off + ihl > end:
             self.malformed["bad IPv4 header"] += 1
             return None
-        total, = _H(buf, off + 2)
         if total < ihl:
             if total == 0:            # segmentation offload on the capturing host
                 total = end - off
             else:
                 self.malformed["IPv4 total length below header"] += 1
                 return None
-        frag, = _H(buf, off + 6)
-        proto = buf[off + 9]
-        src = buf[off + 12:off + 16]
-        dst = buf[off + 16:off + 20]
-        pend = min(off + total, end)
+        pend = off + total if off + total < end else end
         if frag & 0x3FFF:             # MF set or an offset: a fragment
-            return self._fragment(ts, 4, src, dst, proto, _H(buf, off + 4)[0],
+            return self._fragment(ts, 4, src, dst, proto, ident,
                                   (frag & 0x1FFF) * 8, bool(frag & 0x2000),
-                                  buf[off + ihl:pend], ihl)
+                                  buf[off + ihl:pend], total - ihl, ihl)
         return self._transport(4, src, dst, proto, total, buf, off + ihl, pend)
 
     def ipv6(self, ts, buf, off, end):
@@ -190,34 +188,44 @@ class Decoder:
         dst = buf[off + 24:off + 40]
         total = 40 + plen if plen else end - off   # jumbograms and offload: what we have
         pend = min(off + total, end)
-        pos = off + 40
-        while True:
-            if nxt in IPV6_EXT:
-                if pos + 2 > pend:
-                    self.malformed["short IPv6 extension header"] += 1
-                    return None
-                nxt, pos = buf[pos], pos + (buf[pos + 1] + 1) * 8
-            elif nxt == 51:                           # AH
-                if pos + 2 > pend:
-                    self.malformed["short IPv6 extension header"] += 1
-                    return None
+        chain = self._ipv6_chain(nxt, buf, off + 40, pend)
+        if chain is None:
+            return None
+        nxt, pos = chain
+        if nxt == 44:                                 # fragment header
+            if pos + 8 > pend:
+                self.malformed["short IPv6 fragment header"] += 1
+                return None
+            offset_flags, = _H(buf, pos + 2)
+            ident, = _I_BE(buf, pos + 4)
+            # The unfragmentable part is what precedes the fragment header.
+            return self._fragment(ts, 6, src, dst, buf[pos], ident, offset_flags & 0xFFF8,
+                                  bool(offset_flags & 1), buf[pos + 8:pend],
+                                  off + total - pos - 8, pos - off)
+        return self._transport(6, src, dst, nxt, total, buf, pos, pend)
+
+    def _ipv6_chain(self, nxt, buf, pos, pend):
+        """Walk IPv6 extension headers to the transport (or a fragment header)."""
+        while nxt in IPV6_EXT or nxt == 51:
+            if pos + 2 > pend:
+                self.malformed["short IPv6 extension header"] += 1
+                return None
+            if nxt == 51:                             # AH counts 4-byte words
                 nxt, pos = buf[pos], pos + (buf[pos + 1] + 2) * 4
-            elif nxt == 44:                           # fragment header
-                if pos + 8 > pend:
-                    self.malformed["short IPv6 fragment header"] += 1
-                    return None
-                offset_flags, = _H(buf, pos + 2)
-                ident, = _I_BE(buf, pos + 4)
-                return self._fragment(ts, 6, src, dst, buf[pos], ident, offset_flags & 0xFFF8,
-                                      bool(offset_flags & 1), buf[pos + 8:pend], pos + 8 - off)
             else:
-                break
+                nxt, pos = buf[pos], pos + (buf[pos + 1] + 1) * 8
             if pos > pend:
                 self.malformed["IPv6 extension header beyond packet"] += 1
                 return None
-        return self._transport(6, src, dst, nxt, total, buf, pos, pend)
+        return nxt, pos
 
-    def _fragment(self, ts, ipver, src, dst, proto, ident, offset, more, data, header_len):
+    def _fragment(self, ts, ipver, src, dst, proto, ident, offset, more, data, claimed,
+                  header_len):
+        """Hold a fragment; the reassembled datagram once all of it is here.
+
+        ``claimed`` is the fragment's payload length as its header says (more than
+        ``data`` when the snap length cut it): the datagram's length is what was sent.
+        """
         key = (src, dst, proto, ident)
         entry = self._fragments.get(key)
         if entry is None:
@@ -228,27 +236,34 @@ class Decoder:
             self.malformed["fragments timed out"] += 1
             entry = self._fragments[key] = [ts, {}, None]
         pieces = entry[1]
-        if offset in pieces and pieces[offset] != data:
+        old = pieces.get(offset)
+        if old is not None and old[0] != data:
             self.malformed["overlapping fragments that differ"] += 1
-        pieces[offset] = data
+        pieces[offset] = (data, max(claimed, len(data)))
         if not more:
-            entry[2] = offset + len(data)
+            entry[2] = offset + max(claimed, len(data))
         if entry[2] is None:
             return None
         assembled, expect = [], 0
         for start in sorted(pieces):
-            piece = pieces[start]
+            piece, length = pieces[start]
             if start > expect:
                 return None       # a hole: wait for the rest
             if start + len(piece) > expect:
                 assembled.append(piece[expect - start:])
-                expect = start + len(piece)
+            expect = max(expect, start + length)
         if expect < entry[2]:
             return None
         del self._fragments[key]
         payload = b"".join(assembled)
-        return self._transport(ipver, src, dst, proto, header_len + len(payload), payload, 0,
-                               len(payload))
+        iplen = header_len + entry[2]
+        if ipver == 6:
+            chain = self._ipv6_chain(proto, payload, 0, len(payload))
+            if chain is None:
+                return None
+            proto, pos = chain
+            return self._transport(6, src, dst, proto, iplen, payload, pos, len(payload))
+        return self._transport(ipver, src, dst, proto, iplen, payload, 0, len(payload))
 
     def _expire(self, ts, force=False):
         for key, entry in list(self._fragments.items()):

@@ -79,16 +79,22 @@ class _Buffer:
     def need(self, n: int) -> bool:
         if self.off + n <= len(self.buf):
             return True
-        while not self.eof and self.off + n > len(self.buf):
+        if self.eof:
+            return False
+        parts, have = [self.buf[self.off:]], len(self.buf) - self.off
+        want = max(CHUNK, n)
+        while have < want:
             try:
-                chunk = self.stream.read(max(CHUNK, n))
-            except (OSError, EOFError):  # a damaged gzip tail ends the file
+                # read1: a damaged gzip tail loses only the last piece, not a whole chunk
+                chunk = self.stream.read1(min(want - have, 1 << 20))
+            except (OSError, EOFError):
                 chunk = b""
             if not chunk:
                 self.eof = True
                 break
-            self.buf = self.buf[self.off:] + chunk
-            self.off = 0
+            parts.append(chunk)
+            have += len(chunk)
+        self.buf, self.off = b"".join(parts), 0
         return self.off + n <= len(self.buf)
 
     def at_end(self) -> bool:
@@ -102,27 +108,36 @@ def _pcap(path: Path, stream: BinaryIO, magic: bytes, stats: ReadStats) -> Itera
         if not b.need(24):
             raise CaptureError(f"{path}: pcap header cut off")
         (network,) = struct.unpack_from(order + "I", b.buf, 20)
-        linktype = network & 0x0FFFFFFF  # upper bits carry FCS information
+        linktype = network & 0xFFFF  # libpcap's LT_LINKTYPE: upper bits carry FCS information
         stats.linktypes.add(linktype)
         b.off += 24
-        record = struct.Struct(order + "IIII")
-        unpack, micro = record.unpack_from, ns_per_tick == 1_000
+        unpack = struct.Struct(order + "IIII").unpack_from
+        micro = ns_per_tick == 1_000
+        buf, off, size = b.buf, b.off, len(b.buf)
         while True:
-            if not b.need(16):
-                if b.off < len(b.buf):
-                    stats.truncated = "cut off inside a record header"
-                return
-            sec, frac, caplen, origlen = unpack(b.buf, b.off)
-            if caplen > MAX_RECORD:
-                stats.truncated = f"record of {caplen} bytes: the file is damaged here"
-                return
-            if not b.need(16 + caplen):
-                stats.truncated = "cut off inside a packet"
-                return
-            ts = sec * 1_000_000 + (frac if micro else frac // 1_000)
+            if off + 16 > size:              # refill only at a chunk's end: the common case is fast
+                b.off = off
+                if not b.need(16):
+                    if b.off < len(b.buf):
+                        stats.truncated = "cut off inside a record header"
+                    return
+                buf, off, size = b.buf, b.off, len(b.buf)
+            sec, frac, caplen, origlen = unpack(buf, off)
+            end = off + 16 + caplen
+            if end > size:
+                if caplen > MAX_RECORD:
+                    stats.truncated = f"record of {caplen} bytes: the file is damaged here"
+                    return
+                b.off = off
+                if not b.need(16 + caplen):
+                    stats.truncated = "cut off inside a packet"
+                    return
+                buf, off, size = b.buf, b.off, len(b.buf)
+                end = off + 16 + caplen
             stats.packets += 1
-            yield linktype, ts, b.buf, b.off + 16, caplen, origlen
-            b.off += 16 + caplen
+            yield linktype, sec * 1_000_000 + (frac if micro else frac // 1_000), buf, off + 16, \
+                caplen, origlen
+            off = end
     finally:
         stream.close()
 
@@ -161,7 +176,7 @@ def _pcapng(path: Path, stream: BinaryIO, magic: bytes, stats: ReadStats) -> Ite
             body = off + 8
             if btype == _EPB and blen >= 32:
                 iface, hi, lo, caplen, origlen = struct.unpack_from(order + "IIIII", buf, body)
-                if iface < len(interfaces) and 28 + caplen <= blen:
+                if iface < len(interfaces) and 32 + caplen <= blen:
                     linktype, _, num, den = interfaces[iface]
                     stats.packets += 1
                     yield linktype, ((hi << 32) | lo) * num // den, buf, body + 20, caplen, origlen
@@ -173,7 +188,7 @@ def _pcapng(path: Path, stream: BinaryIO, magic: bytes, stats: ReadStats) -> Ite
                 yield linktype, 0, buf, body + 4, caplen, origlen
             elif btype == _OPB and blen >= 32:
                 iface, _, hi, lo, caplen, origlen = struct.unpack_from(order + "HHIIII", buf, body)
-                if iface < len(interfaces) and 28 + caplen <= blen:
+                if iface < len(interfaces) and 32 + caplen <= blen:
                     linktype, _, num, den = interfaces[iface]
                     stats.packets += 1
                     yield linktype, ((hi << 32) | lo) * num // den, buf, body + 20, caplen, origlen
