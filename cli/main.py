@@ -11,7 +11,8 @@ from cli.params import TASK_ID, flow_filters
 from egress import config as config_mod
 from egress.records import Mode, Severity, Verdict
 from egress.replay import replay as run_replay
-from egress.sources.flowlog import SourceError, flowlog_items
+from egress.capture.files import CaptureError
+from egress.sources import Inputs, SourceError
 from tagging import manifest, profiles as profiles_mod
 
 VIOLATIONS = 10
@@ -138,36 +139,47 @@ def profiles(name: str | None) -> None:
 def replay(ctx, inputs, purpose_file, task, mode, db_url, no_store, as_json) -> None:
     """Judge recorded flows under a purpose, as the live agent would have.
 
-    INPUTS are flow logs: JSON lines of flow records (``--json`` output of
-    egress, gzip read transparently). Recorded verdicts are ignored: each
-    flow is judged anew, DNS answers binding names for later flows.
+    INPUTS are captures (pcap or pcapng, gzip read transparently), read as
+    one capture in the order given, or flow logs (JSON lines of flow
+    records, the ``--json`` output of egress). Recorded verdicts are
+    ignored: each flow is judged anew, DNS answers binding names for the
+    task's later flows.
 
     \b
-    Example:
-      egress replay examples/incident/flows.jsonl \\
+    Examples:
+      egress replay examples/incident/incident.pcap \\
           --purpose examples/incident/purpose.toml --db ./incident.db
+      egress replay examples/incident/flows.jsonl --purpose examples/incident/purpose.toml
     """
     p = _load_purpose(purpose_file) if purpose_file else None
     cfg: config_mod.Config = ctx.obj
-    skipped: Counter = Counter()
-    try:
-        items = flowlog_items(inputs, skipped)
-    except SourceError as e:
-        raise _fail(e)
-    from db import StoreError, StoreRecorder
+    owner = task or (p.task if p else None)
+    if p is not None and owner is None:
+        raise Failure("which task is this? give --task, or task = ... in the manifest")
+    from db.background import BackgroundRecorder, WriterError
     on_record = (lambda r: click.echo(render.json_line(r))) if as_json else None
+    recorder = None
     try:
-        recorder = None if no_store else StoreRecorder(_store(ctx, db_url), kind="replay",
-                                                       sources=list(inputs))
-        result = run_replay(items, p, task=task, mode=Mode(mode) if mode else None,
-                            min_ttl_s=cfg.resolver.min_ttl, recorder=recorder,
-                            on_record=on_record, skipped=skipped)
+        inputs_ = Inputs(list(inputs), owner)
+        if not no_store:  # written by a process of its own, on the other core
+            recorder = BackgroundRecorder(db_url, cfg.database, kind="replay",
+                                          sources=list(inputs))
+        with render.progress(enabled=not as_json) as advance:
+            result = run_replay(advance(inputs_.items), p, task=task,
+                                mode=Mode(mode) if mode else None,
+                                min_ttl_s=cfg.resolver.min_ttl, recorder=recorder,
+                                on_record=on_record, skipped=inputs_.skipped)
+        counters = inputs_.counters()
         if recorder is not None:
-            recorder.finish(result)
-    except (ValueError, manifest.ManifestError, StoreError) as e:
+            recorder.finish(result, counters)
+    except (CaptureError, SourceError, ValueError, manifest.ManifestError, WriterError) as e:
+        if recorder is not None:
+            recorder.abandon()
         raise _fail(e)
     if not as_json:
-        render.replay_summary(render.console(), result)
+        render.replay_summary(render.console(), result, counters)
+    else:
+        render.input_warnings(render.console(stderr=True), counters)
     if result.violations:
         ctx.exit(VIOLATIONS)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -192,7 +193,38 @@ def explain(con: Console, f: FlowRecord, bindings: list[NameBinding]) -> None:
         con.print("  DNS bindings: none (no answer gave the task this address)")
 
 
-def replay_summary(con: Console, result) -> None:
+@contextlib.contextmanager
+def progress(enabled: bool = True):
+    """A progress line on a terminal (stderr) while a replay runs; yields a wrapper for items."""
+    if not enabled or not sys.stderr.isatty() or os.environ.get("NO_COLOR") is not None:
+        yield lambda items: items
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    bar = Progress(SpinnerColumn(), TextColumn("replaying: {task.completed:,} flows judged"),
+                   TimeElapsedColumn(), console=console(stderr=True), transient=True)
+
+    def wrap(items):
+        job = bar.add_task("replay", total=None)
+        for n, item in enumerate(items, 1):
+            if n % 500 == 0:
+                bar.update(job, completed=n)
+            yield item
+
+    with bar:
+        yield wrap
+
+
+def input_warnings(con: Console, counters: dict) -> None:
+    """What the inputs lost or skipped, one line each (nothing lost silently)."""
+    for path, where in sorted(counters.get("truncated", {}).items()):
+        con.print(escape(f"warning: {path}: {where}; packets before it were read"))
+    for reason, n in sorted(counters.get("malformed", {}).items()):
+        con.print(escape(f"skipped {n:,} malformed packet(s): {reason}"))
+    for reason, n in sorted(counters.get("skipped", {}).items()):
+        con.print(escape(f"skipped {n:,} input record(s): {reason}"))
+
+
+def replay_summary(con: Console, result, counters: dict) -> None:
     table = _table(con, "task", "flows", "bytes out", "bytes in", "allow", "flag", "block",
                    "critical", "high", "medium", "low")
     for t in sorted(result.tasks.values(), key=lambda s: (s.task is None, s.task or "")):
@@ -206,5 +238,8 @@ def replay_summary(con: Console, result) -> None:
         if t.findings:
             con.print(escape(f"{t.task or '(untagged)'}: " + ", ".join(
                 f"{fid} x{n}" for fid, n in t.findings.most_common())))
-    for reason, n in sorted(result.skipped.items()):
-        con.print(escape(f"skipped {n} input record(s): {reason}"))
+    if "packets" in counters:
+        not_ip = sum(counters["not_ip"].values())
+        con.print(f"{counters['packets']:,} packets, {counters['decoded']:,} decoded"
+                  + (f", {not_ip:,} not IP" if not_ip else ""))
+    input_warnings(con, counters)

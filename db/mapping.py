@@ -20,7 +20,7 @@ from egress.records import (SCHEMA, FlowRecord, Mode, NameBinding, RecordError, 
                             format_time)
 from tagging.manifest import ManifestError, Purpose
 
-SUBRECORDS = ("nat", "tls", "http", "ssh", "stratum", "dns", "quic", "process", "weird")
+SUBRECORDS = ("nat", "tls", "http", "ssh", "stratum", "dns", "quic", "process", "weird", "tunnel")
 """FlowRecord fields stored as JSON text columns."""
 NULL_MEANS = {"weird": []}
 """What a null JSON column means for fields that are never None (rows older than the column)."""

@@ -107,6 +107,7 @@ class Flow(Base):
     quic: Mapped[str | None] = mapped_column(Text)
     process: Mapped[str | None] = mapped_column(Text)
     weird: Mapped[str | None] = mapped_column(Text)  # a JSON list (revision 0002)
+    tunnel: Mapped[str | None] = mapped_column(Text)  # revision 0002
 
     __table_args__ = (
         Index("ix_flows_task_start", "task", "start"),

@@ -40,8 +40,9 @@ class StoreRecorder:
     def end_task(self, task: str, ended: int) -> None:
         self.store.end_task(task, ended)
 
-    def finish(self, result) -> None:
-        """Close the run with its counters (flows per task, skipped input by reason)."""
-        counters = {"flows": {t or "": s.flows for t, s in result.tasks.items()},
-                    "skipped": dict(result.skipped)}
-        self.store.finish_capture_run(self.run_id, _now_us(), counters)
+    def finish(self, result, inputs: dict) -> None:
+        """Close the run with its counters: flows per task, and the inputs' (packets, losses)."""
+        self.finish_counters(inputs, {t or "": s.flows for t, s in result.tasks.items()})
+
+    def finish_counters(self, inputs: dict, flows: dict) -> None:
+        self.store.finish_capture_run(self.run_id, _now_us(), dict(inputs, flows=flows))

@@ -14,6 +14,8 @@ from all that is known by then; detector findings stay once raised.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -26,6 +28,7 @@ from tagging.rules import AllowRule, normalize_name
 
 POLICY_IDS = frozenset({"undeclared-destination", "protocol-mismatch", "ssh-egress",
                         "direct-ip", "sni-mismatch", "untagged"})
+_NO_CHANGE = object()
 TRANSPORT_OF = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "icmp6": "icmp",
                 "ipv6-icmp": "icmp"}
 
@@ -59,6 +62,15 @@ def steps_for(flow: FlowRecord) -> list[Step]:
     return steps
 
 
+def _step_matters(step: Step, detectors, policy: "TaskPolicy | None") -> bool:
+    """Can this step change anything? The purpose's rules look at start and gate only."""
+    if step in (Step.START, Step.GATE):
+        return True
+    if step is Step.END and policy is not None and policy.purpose.limits.bytes_out is not None:
+        return True
+    return any(step in d.steps for d in detectors)
+
+
 class Judge:
     """Judges flows of known tasks; keeps each task's DNS bindings and totals."""
 
@@ -72,6 +84,7 @@ class Judge:
         self.detectors = list(default_detectors() if detectors is None else detectors)
         self._totals: dict[str, _Totals] = {}
         self._events: list[TaskEvent] = []
+        self._by_port: dict[tuple, list[AllowRule]] = {}
 
     # ------------------------------------------------------------------ API
 
@@ -81,8 +94,10 @@ class Judge:
 
     def judge_flow(self, flow: FlowRecord) -> FlowRecord:
         """Run a whole recorded flow through every step it reached."""
+        policy = self.policies.get(flow.task) if flow.task is not None else None
         for step in steps_for(flow):
-            self.decide(flow, step)
+            if _step_matters(step, self.detectors, policy):
+                self.decide(flow, step)
         return flow
 
     def decide(self, flow: FlowRecord, step: Step) -> FlowRecord:
@@ -97,11 +112,15 @@ class Judge:
         ctx = Context(step=step, purpose=policy.purpose if policy else None, names=names)
 
         kept = [f for f in flow.findings if f.id not in POLICY_IDS]
-        try:
-            policy_findings, rule = self._policy(flow, step, policy, names)
-        except Exception as e:  # the judge's own failure must not allow silently
-            policy_findings, rule = [], None
-            _merge(kept, [_internal(step, "judge", e)])
+        if step in (Step.START, Step.GATE) or flow.verdict is None:
+            try:
+                policy_findings, rule = self._policy(flow, step, policy, names)
+            except Exception as e:  # the judge's own failure must not allow silently
+                policy_findings, rule = [], None
+                _merge(kept, [_internal(step, "judge", e)])
+        else:   # later steps add nothing the purpose's own rules look at
+            policy_findings = [f for f in flow.findings if f.id in POLICY_IDS]
+            rule = _NO_CHANGE
         for detector in self.detectors:
             if step not in detector.steps:
                 continue
@@ -117,7 +136,8 @@ class Judge:
         for f in findings:
             f.waived = f.id in waive
         flow.findings = findings
-        flow.rule = rule.describe() if rule is not None else None
+        if rule is not _NO_CHANGE:
+            flow.rule = rule.describe() if rule is not None else None
 
         worst = max((f.severity for f in findings if not f.waived),
                     key=lambda s: s.rank, default=None)
@@ -160,8 +180,9 @@ class Judge:
             flow.server_name = flow.name_source = None
 
         findings: list[Finding] = []
-        covering = [r for r in rules if r.covers_port(transport, flow.dport)
-                    and r.covers_destination(candidates, flow.dst)]
+        address = _address(flow.dst)
+        covering = [r for r in self._rules_for_port(policy, transport, flow.dport)
+                    if r.covers_destination(candidates, address)]
         rule = None
         if not covering:
             findings.append(Finding.make(
@@ -195,6 +216,15 @@ class Judge:
                                          resolved_names=sorted(set(dns_names))))
         return findings, rule
 
+    def _rules_for_port(self, policy: TaskPolicy, transport: str, port) -> list[AllowRule]:
+        """The rules covering a transport and port, looked up once per task and port."""
+        key = (policy.task, id(policy.purpose), transport, port)
+        found = self._by_port.get(key)
+        if found is None:
+            found = self._by_port[key] = [r for r in policy.purpose.rules
+                                          if r.covers_port(transport, port)]
+        return found
+
     # -------------------------------------------------------------- budgets
 
     def _budget(self, flow: FlowRecord, step: Step, policy: TaskPolicy | None,
@@ -225,6 +255,15 @@ class Judge:
                     findings=[Finding.make("budget-exceeded", limit=limit, allowed=allowed,
                                            total=total)]))
         return found
+
+
+@functools.lru_cache(maxsize=65536)
+def _address(text: str):
+    """An address object for rule matching (None when the text is not an address)."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 def _merge(kept: list[Finding], found: Iterable[Finding]) -> None:

@@ -75,12 +75,14 @@ class DnsBindings:
 
     def lookup(self, task: str | None, address: str, at: int) -> list[NameBinding]:
         """Bindings of ``address`` for ``task`` valid at ``at``, the latest resolved first."""
-        try:
-            address = str(ipaddress.ip_address(address))
-        except ValueError:
-            return []
+        found = self._by_key.get((task, address))
+        if found is None and ":" in address:   # IPv6 text has many spellings
+            try:
+                found = self._by_key.get((task, str(ipaddress.ip_address(address))))
+            except ValueError:
+                return []
         valid = []
-        for b in self._by_key.get((task, address), ()):
+        for b in found or ():
             lifetime_us = max(b.ttl, self.min_ttl_s) * 1_000_000
             if b.time <= at <= b.time + lifetime_us:
                 valid.append(b)

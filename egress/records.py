@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import enum
+import time as _clock
 import types
 import typing
 from dataclasses import dataclass, field
@@ -495,6 +496,18 @@ class QuicInfo:
 
 
 @dataclass(kw_only=True)
+class Tunnel:
+    """A proxy tunnel the flow carries (HTTP CONNECT, SOCKS): where it really goes."""
+
+    kind: str
+    """http-connect, socks4 or socks5."""
+    host: str | None = None
+    """The inner target's name or address, as the client asked for it."""
+    port: int | None = None
+    """The inner target's port."""
+
+
+@dataclass(kw_only=True)
 class ProcessInfo:
     pid: int | None = None
     """Process id in the host's PID namespace."""
@@ -571,6 +584,9 @@ class FlowRecord:
     """DNS queries and answers; None unless app is dns."""
     quic: QuicInfo | None = None
     """QUIC details; None unless app is quic."""
+    tunnel: Tunnel | None = None
+    """The inner target of an HTTP CONNECT or SOCKS tunnel; None when the flow is none.
+    ``app`` and its sub-record then describe the tunnelled protocol."""
     bytes_out: int = 0
     """IP bytes the initiator sent (as conntrack counts them)."""
     bytes_in: int = 0
@@ -665,8 +681,8 @@ def read_record(data: typing.Any, *, strict: bool = False) -> FlowRecord | TaskE
 
 def format_time(us: int) -> str:
     """Microseconds since the epoch as ISO 8601 UTC with ``Z``."""
-    t = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc) + _dt.timedelta(microseconds=us)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    seconds, micro = divmod(us, 1_000_000)
+    return _clock.strftime("%Y-%m-%dT%H:%M:%S", _clock.gmtime(seconds)) + f".{micro:06d}Z"
 
 
 def parse_time(text: str) -> int:
@@ -682,101 +698,176 @@ def parse_time(text: str) -> int:
 
 
 # --------------------------------------------------------------------------
-# Generic encoding of the dataclasses above
+# Encoding of the dataclasses above: one plan per class, built once.
+#
+# Flow records are written and read in bulk (a replay writes thousands a second),
+# so each class's fields are turned once into a list of small converter
+# functions, instead of inspecting types for every value.
+
+
+def _identity(v, strict=False, where=""):
+    return v
+
+
+def _encoder(tp) -> typing.Callable | None:
+    """A function turning a value of type ``tp`` into JSON data, or None for 'as is'."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = _encoder([a for a in typing.get_args(tp) if a is not type(None)][0])
+        return None if inner is None else (lambda v: None if v is None else inner(v))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        inner = _encoder(item)
+        return list if inner is None else (lambda v: [inner(x) for x in v])
+    if tp is Finding:
+        return Finding.to_json
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return lambda v: v.value if isinstance(v, enum.Enum) else v
+    if dataclasses.is_dataclass(tp):
+        return lambda v: _plan(type(v)).encode(v)
+    if tp is typing.Any:
+        return lambda v: _plan(type(v)).encode(v) if dataclasses.is_dataclass(v) else v
+    return None
+
+
+def _decoder(tp) -> typing.Callable:
+    """A function ``(value, strict, where)`` checking JSON data against ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = _decoder([a for a in typing.get_args(tp) if a is not type(None)][0])
+        return lambda v, strict, where: None if v is None else inner(v, strict, where)
+
+    def not_null(v, where):
+        if v is None:
+            raise RecordError(f"{where}: must not be null")
+
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        inner = _decoder(item)
+
+        def decode_list(v, strict, where):
+            if not isinstance(v, list):
+                not_null(v, where)
+                raise RecordError(f"{where}: expected a list")
+            return [inner(x, strict, f"{where}[{i}]") for i, x in enumerate(v)]
+        return decode_list
+    if tp is Finding:
+        def decode_finding(v, strict, where):
+            not_null(v, where)
+            return Finding.from_json(v, strict=strict, where=where)
+        return decode_finding
+    if tp is typing.Any:
+        return _identity
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        members = {m.value: m for m in tp}
+        choices = ", ".join(members)
+
+        def decode_enum(v, strict, where):
+            try:
+                return members[v]
+            except (KeyError, TypeError):
+                not_null(v, where)
+                raise RecordError(f"{where}: {v!r} is not one of {choices}") from None
+        return decode_enum
+    if dataclasses.is_dataclass(tp):
+        return lambda v, strict, where: _plan(tp).decode(v, strict, where)
+    if tp is float:
+        def decode_float(v, strict, where):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                not_null(v, where)
+                raise RecordError(f"{where}: expected a number")
+            return float(v)
+        return decode_float
+
+    def decode_plain(v, strict, where):
+        if type(v) is not tp and (not isinstance(v, tp) or isinstance(v, bool) and tp is int):
+            not_null(v, where)
+            raise RecordError(f"{where}: expected {tp.__name__}, not {type(v).__name__}")
+        return v
+    return decode_plain
+
+
+def _time_decoder(optional: bool):
+    def decode_time(v, strict, where):
+        if v is None:
+            if optional:
+                return None
+            raise RecordError(f"{where}: must not be null")
+        if not isinstance(v, str):
+            raise RecordError(f"{where}: expected an ISO 8601 time")
+        try:
+            return parse_time(v)
+        except RecordError as e:
+            raise RecordError(f"{where}: {e}") from None
+    return decode_time
+
+
+class _Plan:
+    """How one dataclass becomes JSON and back."""
+
+    def __init__(self, cls: type):
+        hints = typing.get_type_hints(cls)
+        self.cls = cls
+        self.names = frozenset(f.name for f in dataclasses.fields(cls))
+        self.fields = []          # (name, encoder or None, decoder, required)
+        for f in dataclasses.fields(cls):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if f.metadata.get("time"):
+                optional = typing.get_origin(hints[f.name]) in (typing.Union, types.UnionType)
+                enc = (lambda v: None if v is None else format_time(v))
+                dec = _time_decoder(optional)
+            else:
+                enc, dec = _encoder(hints[f.name]), _decoder(hints[f.name])
+            self.fields.append((f.name, enc, dec, required))
+
+    def encode(self, value) -> dict:
+        out = {}
+        for name, enc, _, _ in self.fields:
+            v = getattr(value, name)
+            out[name] = v if enc is None else enc(v)
+        return out
+
+    def decode(self, data, strict: bool, where: str):
+        if not isinstance(data, dict):
+            raise RecordError(f"{where}: expected an object")
+        if strict:
+            _check_keys(data, self.names, strict, where)
+        kwargs = {}
+        for name, _, dec, required in self.fields:
+            if name in data:
+                kwargs[name] = dec(data[name], strict, f"{where}.{name}")
+            elif required:
+                raise RecordError(f"{where}.{name}: missing")
+        return self.cls(**kwargs)
+
+
+_PLANS: dict[type, _Plan] = {}
+
+
+def _plan(cls: type) -> _Plan:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = _Plan(cls)
+    return plan
 
 
 def _encode(value: typing.Any) -> typing.Any:
+    if isinstance(value, Finding):
+        return value.to_json()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        if isinstance(value, Finding):
-            return value.to_json()
-        out = {}
-        for f in dataclasses.fields(value):
-            v = getattr(value, f.name)
-            if f.metadata.get("time") and v is not None:
-                out[f.name] = format_time(v)
-            else:
-                out[f.name] = _encode(v)
-        return out
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, list):
-        return [_encode(v) for v in value]
+        return _plan(type(value)).encode(value)
     return value
-
-
-def _check_keys(data: dict, known: set, strict: bool, where: str) -> None:
-    if strict:
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise RecordError(f"{where}: unknown field {unknown[0]!r}")
-
-
-_HINTS: dict[type, dict] = {}
-
-
-def _hints(cls: type) -> dict:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
 
 
 def _decode(tp: typing.Any, value: typing.Any, strict: bool, where: str) -> typing.Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _decode(args[0], value, strict, where)
-    if value is None:
-        raise RecordError(f"{where}: must not be null")
-    if tp is typing.Any:
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecordError(f"{where}: expected a list")
-        (item,) = typing.get_args(tp)
-        return [_decode(item, v, strict, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is Finding:
-        return Finding.from_json(value, strict=strict, where=where)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        try:
-            return tp(value)
-        except ValueError:
-            choices = ", ".join(m.value for m in tp)
-            raise RecordError(f"{where}: {value!r} is not one of {choices}") from None
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise RecordError(f"{where}: expected an object")
-        fields = {f.name: f for f in dataclasses.fields(tp)}
-        _check_keys(value, set(fields), strict, where)
-        hints = _hints(tp)
-        kwargs = {}
-        for name, f in fields.items():
-            if name not in value:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise RecordError(f"{where}.{name}: missing")
-                continue
-            if f.metadata.get("time"):
-                v = value[name]
-                if v is None:
-                    kwargs[name] = _decode(hints[name], None, strict, f"{where}.{name}")
-                elif not isinstance(v, str):
-                    raise RecordError(f"{where}.{name}: expected an ISO 8601 time")
-                else:
-                    try:
-                        kwargs[name] = parse_time(v)
-                    except RecordError as e:
-                        raise RecordError(f"{where}.{name}: {e}") from None
-            else:
-                kwargs[name] = _decode(hints[name], value[name], strict, f"{where}.{name}")
-        return tp(**kwargs)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecordError(f"{where}: expected a number")
-        return float(value)
-    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
-        raise RecordError(f"{where}: expected {tp.__name__}, not {type(value).__name__}")
-    return value
+    return _decoder(tp)(value, strict, where)
+
+
+def _check_keys(data: dict, known, strict: bool, where: str) -> None:
+    if strict:
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise RecordError(f"{where}: unknown field {unknown[0]!r}")
 
 
 def _read_top(cls: type, data: typing.Any, kind: str, strict: bool):
@@ -788,7 +879,7 @@ def _read_top(cls: type, data: typing.Any, kind: str, strict: bool):
     if schema != SCHEMA:
         raise RecordError(f"schema: this reader knows schema {SCHEMA}, not {schema!r}")
     body = {k: v for k, v in data.items() if k not in ("schema", "kind")}
-    return _decode(cls, body, strict, kind)
+    return _plan(cls).decode(body, strict, kind)
 
 
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

@@ -18,7 +18,7 @@ from egress.names import DnsBindings
 from egress.records import (FlowRecord, Mode, NameBinding, Severity, TaskEvent, Verdict)
 from tagging.manifest import Purpose
 
-BATCH = 2000
+BATCH = 500
 
 
 class Recorder(Protocol):
@@ -55,9 +55,9 @@ class ReplayResult:
 
 def _reset(flow: FlowRecord, task: str | None) -> FlowRecord:
     """The observation only: a recorded judgement is not evidence for a new one."""
-    return dataclasses.replace(flow, task=task, mode=None, verdict=None, decided_at=None,
-                               action=None, rule=None, findings=[], server_name=None,
-                               name_source=None)
+    flow.task, flow.mode, flow.verdict, flow.decided_at, flow.action = task, None, None, None, None
+    flow.rule, flow.findings, flow.server_name, flow.name_source = None, [], None, None
+    return flow
 
 
 def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *,

@@ -6,6 +6,7 @@ given what is known of a flow, does this rule cover it?
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -186,13 +187,24 @@ class AllowRule:
             return True
         return port is not None and any(lo <= port <= hi for lo, hi in self.ports)
 
-    def covers_destination(self, names: list[str], address: str) -> bool:
-        """By address for a CIDR rule; by any of the flow's names for a host rule."""
+    @functools.cached_property
+    def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+        """The CIDR as a network object, parsed once."""
+        return ipaddress.ip_network(self.cidr) if self.cidr is not None else None
+
+    def covers_destination(self, names: list[str], address) -> bool:
+        """By address for a CIDR rule; by any of the flow's names for a host rule.
+
+        ``address`` is an ``ipaddress`` object (or text, parsed here; None if unparsable).
+        """
         if self.cidr is not None:
-            try:
-                return ipaddress.ip_address(address) in ipaddress.ip_network(self.cidr)
-            except ValueError:
-                return False
+            if isinstance(address, str):
+                try:
+                    address = ipaddress.ip_address(address)
+                except ValueError:
+                    return False
+            return address is not None and address.version == self.network.version \
+                and address in self.network
         return any(host_matches(self.host, n) for n in names)
 
     def protocol_for(self, port: int | None) -> str:

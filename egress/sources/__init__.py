@@ -1,0 +1,40 @@
+"""Sources of flows for replay: capture files and flow logs, told apart by their content."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable
+
+from egress.records import FlowRecord, NameBinding
+from egress.sources.flowlog import SourceError, flowlog_items
+
+
+class Inputs:
+    """What a replay reads: its items in order, and what it could not use."""
+
+    def __init__(self, paths: list[str], task: str | None):
+        from egress.sources.capture import CaptureSource, is_capture
+        kinds = {is_capture(p) for p in paths}
+        if len(kinds) > 1:
+            raise SourceError("give captures or flow logs, not both in one replay")
+        self.skipped: Counter = Counter()
+        self.capture = None
+        if kinds == {True}:
+            # Until attribution by address or time exists, one task owns every flow.
+            self.capture = CaptureSource(paths, owner=lambda flow, src, dst: task)
+            self.items: Iterable[FlowRecord | NameBinding] = self.capture
+        else:
+            self.items = flowlog_items(paths, self.skipped)
+
+    def counters(self) -> dict:
+        """Packets, malformed and skipped input by reason, for the summary and the store."""
+        out: dict = {"skipped": dict(self.skipped)}
+        if self.capture is not None:
+            st = self.capture.stats
+            out.update(packets=st.packets, decoded=st.decoded, malformed=dict(st.malformed),
+                       not_ip=dict(st.other), truncated=dict(st.truncated),
+                       flow_table=dict(st.table))
+        return out
+
+
+__all__ = ["Inputs", "SourceError"]

@@ -46,7 +46,7 @@ def test_design_example_parses_strictly_and_round_trips():
 
 
 def test_every_contract_field_is_present():
-    extensions = {"weird"}  # forward-compatible additions to DESIGN.md's record
+    extensions = {"weird", "tunnel"}  # forward-compatible additions to DESIGN.md's record
     contract = set(DESIGN_EXAMPLE) - {"schema", "kind"}
     assert contract | extensions == {f.name for f in dataclasses.fields(FlowRecord)}
     assert set(make_flow().to_json()) == set(DESIGN_EXAMPLE) | extensions

@@ -1,10 +1,10 @@
-"""Flows get ``weird``: anomalies seen on the flow (midstream, overlap-conflict).
+"""Flows get ``weird`` (anomalies: midstream, overlap-conflict) and ``tunnel`` (CONNECT/SOCKS).
 
 Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-27
 
-A JSON list as text, like the sub-records; null in rows written before it.
+Both JSON text, like the sub-records; null in rows written before them.
 """
 
 from alembic import op
@@ -18,7 +18,9 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("flows", sa.Column("weird", sa.Text(), nullable=True))
+    op.add_column("flows", sa.Column("tunnel", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("flows", "tunnel")
     op.drop_column("flows", "weird")
