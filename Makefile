@@ -23,10 +23,10 @@ install: $(BIN)/egress
 demo: install
 	$(BIN)/egress purpose check examples/incident/purpose.toml
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(BIN)/egress replay examples/incident/flows.jsonl \
+	$(BIN)/egress replay examples/incident/incident.pcap \
 	    --purpose examples/incident/purpose.toml --db $(DEMO)/egress.db || [ $$? -eq 10 ]
 	$(BIN)/egress audit --db $(DEMO)/egress.db --verdict flag || [ $$? -eq 10 ]
-	$(BIN)/egress explain f-incid012 --db $(DEMO)/egress.db
+	$(BIN)/egress explain --finding mining-stratum --db $(DEMO)/egress.db
 
 system-deps:
 	./tests/system-deps.sh

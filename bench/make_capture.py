@@ -148,6 +148,15 @@ def main(argv=None) -> int:
                     help="server data packets spread over the bulk TLS and HTTP flows")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
+    print(json.dumps(write_capture(args.out, args.flows, args.bulk_packets, args.seed)),
+          file=sys.stderr)
+    return 0
+
+
+def write_capture(out_path: str, flows: int = 5000, bulk_packets: int = 160_000,
+                  seed: int = 1) -> dict:
+    """Write the capture; returns its packet and flow counts."""
+    args = argparse.Namespace(out=out_path, flows=flows, bulk_packets=bulk_packets, seed=seed)
     rng = random.Random(args.seed)
     resolver = bytes([10, 213, 0, 1])
     kinds = (["dns"] * 40 + ["tls"] * 30 + ["http"] * 15 + ["ssh"] * 8 + ["stratum"] * 7)
@@ -204,9 +213,8 @@ def main(argv=None) -> int:
             if i in bulk:
                 flow.bulk_from_server(per_bulk, rng)
             flow.close()
-    print(json.dumps({"packets": w.packets, "flows": args.flows, "tcp_flows": args.flows - counts["dns"],
-                      "by_kind": counts}), file=sys.stderr)
-    return 0
+    return {"packets": w.packets, "flows": args.flows, "tcp_flows": args.flows - counts["dns"],
+            "by_kind": counts}
 
 
 if __name__ == "__main__":

@@ -224,26 +224,40 @@ def audit(ctx, db_url, task, since, until, verdict, finding, events, as_json) ->
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("flow_id")
+@click.argument("flow_id", required=False)
 @DB_OPTION
+@flow_filters
 @JSON_OPTION
 @click.pass_context
-def explain(ctx, flow_id, db_url, as_json) -> None:
+def explain(ctx, flow_id, db_url, task, since, until, verdict, finding, as_json) -> None:
     """Why a flow got its verdict: the rule or findings, their evidence, the DNS bindings.
 
+    Give a FLOW_ID, or filters to explain every flow they select.
+
     \b
-    Example:
+    Examples:
       egress explain f-7Kq2mB9x
+      egress explain --finding mining-stratum --since 1d
     """
+    filters = dict(task=task, since=since, until=until, verdict=verdict, finding=finding)
+    if flow_id is None and not any(v is not None for v in filters.values()):
+        raise click.UsageError("give a FLOW_ID, or filters (--task, --finding, ...)")
     store = _store(ctx, db_url)
-    flow = store.flow(flow_id)
-    if flow is None:
-        raise Failure(f"no flow {flow_id!r} in the store")
-    bindings = store.bindings_for(flow.task, flow.dst, before=flow.start) if flow.task else []
-    if as_json:
-        click.echo(render.json_line(flow))
-        return
-    render.explain(render.console(), flow, bindings)
+    if flow_id is not None:
+        flow = store.flow(flow_id)
+        if flow is None:
+            raise Failure(f"no flow {flow_id!r} in the store")
+        flows = [flow]
+    else:
+        from db import FlowFilter
+        flows = store.flows(FlowFilter(**filters))
+    con = render.console()
+    for flow in flows:
+        if as_json:
+            click.echo(render.json_line(flow))
+            continue
+        bindings = store.bindings_for(flow.task, flow.dst, before=flow.start) if flow.task else []
+        render.explain(con, flow, bindings)
 
 
 # --------------------------------------------------------------- completion

@@ -109,7 +109,6 @@ class Judge:
         flow.mode = mode
         names = tuple(self.bindings.lookup(flow.task, flow.dst, flow.start)) \
             if flow.task is not None else ()
-        ctx = Context(step=step, purpose=policy.purpose if policy else None, names=names)
 
         kept = [f for f in flow.findings if f.id not in POLICY_IDS]
         if step in (Step.START, Step.GATE) or flow.verdict is None:
@@ -121,6 +120,8 @@ class Judge:
         else:   # later steps add nothing the purpose's own rules look at
             policy_findings = [f for f in flow.findings if f.id in POLICY_IDS]
             rule = _NO_CHANGE
+        ctx = Context(step=step, purpose=policy.purpose if policy else None, names=names,
+                      rule=None if rule is _NO_CHANGE else rule)
         for detector in self.detectors:
             if step not in detector.steps:
                 continue

@@ -889,3 +889,18 @@ def new_flow_id() -> str:
     """A fresh flow id: ``f-`` and 8 random base62 characters (47 bits)."""
     import secrets
     return "f-" + "".join(secrets.choice(_BASE62) for _ in range(8))
+
+
+def stable_flow_id(*identity) -> str:
+    """A flow id derived from what identifies the flow (its tuple and first packet's time).
+
+    Replaying the same capture again gives the same ids, so a second replay
+    into a store supersedes the first instead of doubling every flow.
+    """
+    import hashlib
+    n = int.from_bytes(hashlib.sha256("|".join(map(str, identity)).encode()).digest()[:8], "big")
+    chars = []
+    for _ in range(8):
+        n, r = divmod(n, 62)
+        chars.append(_BASE62[r])
+    return "f-" + "".join(chars)

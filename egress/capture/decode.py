@@ -5,7 +5,7 @@ reads at once. ``Decoder.decode`` is called once per packet and returns a
 flat tuple (no objects past the decoder) or None, counting the reason.
 
 Returned tuple: ``(ipver, src, dst, proto, sport, dport, flags, seq, iplen,
-buf, poff, plen)``: addresses as packed bytes; for TCP and UDP the ports,
+buf, poff, plen)``: addresses as packed bytes; for TCP, UDP and SCTP the ports,
 for ICMP and ICMPv6 ``sport`` is the type, ``dport`` the code and ``seq``
 the echo identifier (-1 when not an echo); ``iplen`` is the IP datagram's
 length (what conntrack counts); the transport payload is
@@ -25,7 +25,7 @@ _I_LE = struct.Struct("<I").unpack_from
 _I_BE = struct.Struct("!I").unpack_from
 _HH_LE = struct.Struct("<HH").unpack_from
 
-TCP, UDP, ICMP, ICMP6 = 6, 17, 1, 58
+TCP, UDP, ICMP, ICMP6, SCTP = 6, 17, 1, 58, 132
 ETH_IPV4, ETH_IPV6 = 0x0800, 0x86DD
 VLAN_TAGS = (0x8100, 0x88A8, 0x9100)
 IPV6_EXT = {0, 43, 60}          # hop-by-hop, routing, destination options
@@ -299,6 +299,13 @@ class Decoder:
                 return None
             sport, dport = _HH(buf, pos)
             return (ipver, src, dst, UDP, sport, dport, 0, 0, iplen, buf, pos + 8, pend - pos - 8)
+        if proto == SCTP:             # ports in the common header, like UDP's
+            if pend - pos < 12:
+                self.malformed["short SCTP header"] += 1
+                return None
+            sport, dport = _HH(buf, pos)
+            return (ipver, src, dst, SCTP, sport, dport, 0, 0, iplen, buf, pos + 12,
+                    pend - pos - 12)
         if proto == ICMP or proto == ICMP6:
             if pend - pos < 4:
                 self.malformed["short ICMP header"] += 1

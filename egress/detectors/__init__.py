@@ -15,6 +15,7 @@ from typing import Iterable, Protocol
 from egress.names import NameBinding
 from egress.records import Finding, FlowRecord, Step
 from tagging.manifest import Purpose
+from tagging.rules import AllowRule
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class Context:
     """The owning task's purpose; None for untagged flows."""
     names: tuple[NameBinding, ...]
     """The DNS bindings of the flow's destination for its task, latest first."""
+    rule: AllowRule | None = None
+    """The allow rule the purpose matched at start or gate; None when none did, and at
+    later steps (the purpose's rules are looked at only at start and gate)."""
 
 
 class Detector(Protocol):
@@ -54,6 +58,6 @@ class Detector(Protocol):
 
 def default_detectors() -> list[Detector]:
     """Every detector that ships, in the order they run."""
-    from egress.detectors import metadata, stratum, ech
+    from egress.detectors import metadata, stratum, ech, encrypted_dns
     return [metadata.MetadataEndpoint(), stratum.MiningStratum(),
-            ech.EncryptedClientHello()]
+            ech.EncryptedClientHello(), encrypted_dns.EncryptedDns()]

@@ -19,7 +19,7 @@ from egress.community_id import community_id_packed
 from egress.flowtable import Flow, FlowTable, conn_state
 from egress.identify import Identifier
 from egress.names import query_bindings
-from egress.records import DnsQuery, FlowRecord, NameBinding, new_flow_id
+from egress.records import DnsQuery, FlowRecord, NameBinding, stable_flow_id
 
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6", 132: "sctp", 47: "gre",
                50: "esp", 51: "ah", 46: "rsvp", 41: "ipv6", 4: "ipip"}
@@ -100,25 +100,34 @@ class CaptureSource:
             text = self._text[packed] = str(ipaddress.ip_address(packed))
         return text
 
-    def _answer(self, flow: Flow, query: DnsQuery, ts: int) -> None:
+    def _flow_id(self, flow: Flow) -> str:
         if flow.flow_id is None:
-            flow.flow_id = new_flow_id()
+            flow.flow_id = stable_flow_id(flow.proto, flow.src.hex(), flow.sport, flow.dst.hex(),
+                                          flow.dport, flow.start)
+        return flow.flow_id
+
+    def _answer(self, flow: Flow, query: DnsQuery, ts: int) -> None:
+        self._flow_id(flow)
         task = self.owner(flow, self._addr(flow.src), self._addr(flow.dst))
         self._out.extend(query_bindings(query, task, ts, flow.flow_id))
 
     def _finish(self, flow: Flow) -> None:
         src, dst = self._addr(flow.src), self._addr(flow.dst)
         portless = flow.sport is None or flow.proto not in (6, 17, 132)
-        if flow.icmp is not None:
-            itype, code, _, first_is_orig = flow.icmp
-            a, b = (flow.src, flow.dst) if first_is_orig else (flow.dst, flow.src)
-            cid = community_id_packed(flow.proto, a, b, itype, code)
-        else:
-            cid = community_id_packed(flow.proto, flow.src, flow.dst,
-                                      None if portless else flow.sport,
-                                      None if portless else flow.dport)
+        try:
+            if flow.icmp is not None:
+                itype, code, _, first_is_orig = flow.icmp
+                a, b = (flow.src, flow.dst) if first_is_orig else (flow.dst, flow.src)
+                cid = community_id_packed(flow.proto, a, b, itype, code)
+            else:
+                cid = community_id_packed(flow.proto, flow.src, flow.dst,
+                                          None if portless else flow.sport,
+                                          None if portless else flow.dport)
+        except ValueError:
+            cid = None      # a tuple the spec cannot hash; the record says unknown
+            self.stats.table["flows without a community id"] += 1
         record = FlowRecord(
-            flow_id=flow.flow_id or new_flow_id(),
+            flow_id=self._flow_id(flow),
             task=self.owner(flow, src, dst),
             community_id=cid,
             proto=PROTO_NAMES.get(flow.proto, str(flow.proto)),

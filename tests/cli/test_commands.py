@@ -170,3 +170,66 @@ def test_bad_config_is_one_line(tmp_path):
     cfg.write_text("nonsense = 1\n")
     result = run("--config", cfg, "profiles")
     assert result.exit_code == 1 and result.output.startswith(f"egress: {cfg}: nonsense: ")
+
+
+CAPTURE = ROOT / "examples/incident/incident.pcap"
+
+
+def _findings(output: str) -> list:
+    return sorted(f["id"] for line in output.splitlines()
+                  for f in json.loads(line)["findings"] if json.loads(line)["kind"] == "flow")
+
+
+def test_capture_and_flow_log_of_the_incident_judge_alike():
+    from_capture = run("replay", CAPTURE, "--purpose", PURPOSE, "--no-store", "--json")
+    from_log = run("replay", FLOWS, "--purpose", PURPOSE, "--no-store", "--json")
+    assert from_capture.exit_code == from_log.exit_code == 10
+    assert _findings(from_capture.output) == _findings(from_log.output)
+    flows = [json.loads(l) for l in from_capture.output.splitlines() if '"kind":"flow"' in l]
+    assert all(f["community_id"].startswith("1:") for f in flows)
+    ssh = [f for f in flows if f["app"] == "ssh"]
+    assert ssh and ssh[0]["ssh"]["hassh"] and ssh[0]["ssh"]["hassh_server"]
+
+
+def test_replaying_a_capture_twice_supersedes(store_url):
+    for _ in range(2):
+        assert run("replay", CAPTURE, "--purpose", PURPOSE, "--db", store_url).exit_code == 10
+    listed = run("audit", "--db", store_url, "--json", "--no-events")
+    assert len(listed.output.splitlines()) == 15
+
+
+def test_truncated_capture_ends_cleanly_with_a_warning(tmp_path):
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(CAPTURE.read_bytes()[:-700])
+    result = run("replay", cut, "--purpose", PURPOSE, "--no-store")
+    assert result.exit_code == 10
+    assert f"warning: {cut}: cut off inside a packet" in result.output
+
+
+def test_broken_gzip_is_one_line(tmp_path):
+    bad = tmp_path / "bad.pcap.gz"
+    bad.write_bytes(b"\x1f\x8b" + b"\x00" * 40)
+    result = run("replay", bad, "--purpose", PURPOSE, "--no-store")
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith(f"egress: {bad}: ")
+
+
+def test_captures_and_flow_logs_do_not_mix():
+    result = run("replay", CAPTURE, FLOWS, "--purpose", PURPOSE, "--no-store")
+    assert result.exit_code == 1 and "not both" in result.output
+
+
+def test_a_purpose_needs_a_task(tmp_path):
+    anonymous = tmp_path / "p.toml"
+    anonymous.write_text('version = 1\npurpose = "no task named"\n')
+    result = run("replay", CAPTURE, "--purpose", anonymous, "--no-store")
+    assert result.exit_code == 1 and "--task" in result.output
+    assert run("replay", CAPTURE, "--purpose", anonymous, "--task", "t9",
+               "--no-store").exit_code == 10
+
+
+def test_explain_by_filter(filled):
+    result = run("explain", "--finding", "metadata-endpoint", "--db", filled)
+    assert result.exit_code == 0 and result.output.count("flow f-") == 1
+    assert "169.254.169.254" in result.output
+    assert run("explain", "--db", filled).exit_code == 2

@@ -389,3 +389,21 @@ def test_bytes_limit_counts_at_end():
     assert ids(second) == ["budget-exceeded"] and second.decided_at is Step.END
     assert ids(third) == ["budget-exceeded"] and third.decided_at is Step.START
     assert len(j.events()) == 1
+
+
+# ------------------------------------------------------------------ encrypted DNS
+
+@pytest.mark.parametrize("rule, sni, dst, dport, expected", [
+    ('', "dns.google", "8.8.8.8", 853, "dot"),                          # undeclared DoT
+    ('[[allow]]\nhost = "dns.google"\nports = [853]\n', "dns.google", "8.8.8.8", 853, None),
+    ('[[allow]]\nhost = "dns.google"\n', "dns.google", "8.8.8.8", 443, None),  # named: declared
+    ('[[allow]]\nhost = "*.google"\n', "dns.google", "8.8.8.8", 443, "doh"),   # a wildcard is not
+    ('[[allow]]\ncidr = "8.8.8.0/24"\n', "dns.google", "8.8.8.8", 443, None),
+    ('[[allow]]\nhost = "*.example.org"\n', "www.example.org", "203.0.113.10", 443, None),
+])
+def test_encrypted_dns(rule, sni, dst, dport, expected):
+    j = judge_for('waive = ["direct-ip"]\n' + rule)
+    resolve(j, sni, dst)
+    flow = j.judge_flow(make_tls_flow(sni, dst=dst, dport=dport))
+    found = [f for f in flow.findings if f.id == "encrypted-dns"]
+    assert [f.evidence.kind for f in found] == ([expected] if expected else [])
