@@ -33,11 +33,16 @@ def _fail(error: Exception) -> Failure:
 
 
 def _store(ctx: click.Context, url: str | None):
-    """One store per command, closed when the command ends."""
+    """One store per command (reading an existing one), closed when the command ends."""
     from db import Store, StoreError, resolve_url
+    from db.engine import sqlite_file
     cfg = ctx.find_object(config_mod.Config) or config_mod.Config()
     try:
-        store = Store.open(resolve_url(url, cfg.database))
+        resolved = resolve_url(url, cfg.database)
+        path = sqlite_file(resolved)
+        if path is not None and not path.exists():
+            raise Failure(f"no store at {path} (egress replay writes one)")
+        store = Store.open(resolved)
     except StoreError as e:
         raise _fail(e)
     ctx.call_on_close(store.close)

@@ -161,8 +161,12 @@ def explain(con: Console, f: FlowRecord, bindings: list[NameBinding]) -> None:
     if f.nat:
         line("nat", endpoint(f.nat.src, f.nat.sport))
     line("community id", f.community_id or "-")
-    line("time", f"{short_time(f.start)} .. {short_time(f.end)}  state {f.conn_state or '-'}"
-         f"  observed {f.observed}")
+    line("time", f"{format_time(f.start)} .. {format_time(f.end) if f.end else '-'}"
+         f"  state {f.conn_state or '-'}  observed {f.observed}")
+    if f.weird:
+        line("weird", ", ".join(f.weird))
+    if f.tunnel:
+        line("tunnel", f"{f.tunnel.kind} to {endpoint(f.tunnel.host or '?', f.tunnel.port)}")
     line("app", f.app or "- (no payload)")
     line("name", f"{f.server_name} (from {f.name_source})" if f.server_name else "-")
     for part in ("tls", "http", "ssh", "stratum", "quic"):
@@ -216,6 +220,9 @@ def progress(enabled: bool = True):
 
 def input_warnings(con: Console, counters: dict) -> None:
     """What the inputs lost or skipped, one line each (nothing lost silently)."""
+    if counters.get("snapped"):
+        con.print(f"warning: {counters['snapped']:,} packet(s) cut short by the capture's snap "
+                  "length: payload past it was not seen")
     for path, where in sorted(counters.get("truncated", {}).items()):
         con.print(escape(f"warning: {path}: {where}; packets before it were read"))
     for reason, n in sorted(counters.get("malformed", {}).items()):
@@ -242,4 +249,6 @@ def replay_summary(con: Console, result, counters: dict) -> None:
         not_ip = sum(counters["not_ip"].values())
         con.print(f"{counters['packets']:,} packets, {counters['decoded']:,} decoded"
                   + (f", {not_ip:,} not IP" if not_ip else ""))
+    for why, n in sorted(getattr(result, "unbound", {}).items()):
+        con.print(escape(f"{n:,} DNS answer(s) bound no name: {why}"))
     input_warnings(con, counters)

@@ -236,7 +236,7 @@ def binding_row(binding: NameBinding) -> dict:
     if not isinstance(binding, NameBinding):
         raise RecordError(f"expected a NameBinding, not {type(binding).__name__}")
     row = dataclasses.asdict(binding)
-    for name in ("task", "name", "address", "flow_id"):
+    for name in ("task", "name", "address", "flow_id", "resolver"):
         _check_text(row[name], f"binding.{name}")
     for name in ("ttl", "time"):
         _check_int(row[name], f"binding.{name}")
@@ -246,5 +246,6 @@ def binding_row(binding: NameBinding) -> dict:
 
 def binding_from_row(row: Mapping) -> NameBinding:
     return NameBinding(task=row["task"], name=row["name"], address=row["address"], ttl=row["ttl"],
-                   time=row["time"], flow_id=row["flow_id"])
+                       time=row["time"], flow_id=row["flow_id"], resolver=row["resolver"],
+                       resolver_port=row["resolver_port"])
 

@@ -167,5 +167,7 @@ class DnsBinding(Base):
     ttl: Mapped[int] = mapped_column(BigInteger)
     time: Mapped[int] = mapped_column(BigInteger)
     flow_id: Mapped[str | None] = mapped_column(FLOW_ID)
+    resolver: Mapped[str | None] = mapped_column(ADDRESS)  # revision 0002
+    resolver_port: Mapped[int | None] = mapped_column(Integer)  # revision 0002
 
     __table_args__ = (Index("ix_dns_bindings_task_address_time", "task", "address", "time"),)

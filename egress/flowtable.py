@@ -15,6 +15,7 @@ direction. Past the bound the least recently seen tenth is finished early
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 from typing import Callable
 
@@ -137,7 +138,10 @@ class FlowTable:
 
     def __init__(self, on_finish: Callable[[Flow], None],
                  on_payload: Callable[[Flow, bool], None], *, max_flows: int = 200_000):
-        self.flows: dict[tuple, tuple[Flow, bool]] = {}
+        # One dict a protocol, keyed by the bytes of the tuple as IPv4 lays them out
+        # (addresses, then ports): the fast path keys a packet by one slice of it.
+        self.tables: dict[int, dict[bytes, tuple[Flow, bool]]] = {TCP: {}, UDP: {}}
+        self._tcp, self._udp = self.tables[TCP], self.tables[UDP]
         self.open = 0
         self.on_finish = on_finish
         self.on_payload = on_payload
@@ -148,13 +152,11 @@ class FlowTable:
     def packet(self, ts, ipver, src, dst, proto, sport, dport, flags, seq, iplen, buf, poff,
                plen) -> None:
         """Account one decoded packet (the tuple ``Decoder.decode`` returns)."""
-        if proto == TCP or proto == UDP:
-            key = (src, dst, sport, dport, proto)
-        elif seq >= 0:                       # ICMP echo: the identifier pairs request and reply
-            key = (src, dst, seq, -1, proto)
-        else:
-            key = (src, dst, sport, dport, proto)
-        hit = self.flows.get(key)
+        table = self.tables.get(proto)
+        if table is None:
+            table = self.tables[proto] = {}
+        key = _key(proto, src, dst, sport, dport, seq)
+        hit = table.get(key)
         if hit is not None:
             flow, is_orig = hit
             if ts - flow.last > flow.idle or (
@@ -162,7 +164,8 @@ class FlowTable:
                 self._finish(flow)            # idle past its timeout, or a port reused: a new flow
                 hit = None
         if hit is None:
-            flow, is_orig = self._new(key, ts, ipver, src, dst, proto, sport, dport, flags, seq)
+            flow, is_orig = self._new(table, key, ts, ipver, src, dst, proto, sport, dport,
+                                      flags, seq)
         flow.last = ts
         if is_orig:
             flow.pkts_o += 1
@@ -200,8 +203,49 @@ class FlowTable:
         elif ts >= self._next_sweep:
             self.sweep(ts)
 
-    def _new(self, key, ts, ipver, src, dst, proto, sport, dport, flags, seq):
-        rkey = (dst, src, dport, sport, proto) if key[3] != -1 else (dst, src, seq, -1, proto)
+    def fast_ipv4(self, ts: int, buf: bytes, ip: int, end: int) -> bool:
+        """Account an IPv4 packet of an open TCP or UDP flow that needs nothing but counting.
+
+        The bulk of a capture: no IP options, not a fragment, no SYN, FIN or RST, a
+        flow already identified. Anything else returns False and takes the full path
+        (``Decoder.decode`` then ``packet``), which does the same for these packets.
+        """
+        if buf[ip] != 0x45 or buf[ip + 6] & 0x3F or buf[ip + 7]:
+            return False
+        proto = buf[ip + 9]
+        if proto == TCP:
+            if ip + 40 > end or buf[ip + 33] & 0x07 or buf[ip + 32] < 0x50:
+                return False
+            hit = self._tcp.get(buf[ip + 12:ip + 24])
+        elif proto == UDP:
+            if ip + 28 > end:
+                return False
+            hit = self._udp.get(buf[ip + 12:ip + 24])
+        else:
+            return False
+        if hit is None:
+            return False
+        flow, is_orig = hit
+        total = buf[ip + 2] << 8 | buf[ip + 3]
+        if flow.collecting or ts - flow.last > flow.idle or total < 28:
+            return False
+        flow.last = ts
+        if is_orig:
+            flow.pkts_o += 1
+            flow.bytes_o += total
+        else:
+            flow.pkts_r += 1
+            flow.bytes_r += total
+        if self._next_sweep is not None and ts >= self._next_sweep:
+            self.sweep(ts)
+        return True
+
+    def open_flows(self) -> list[Flow]:
+        """The flows still open, each once."""
+        return [f for table in self.tables.values() for f, o in table.values() if o]
+
+    def _new(self, table, key, ts, ipver, src, dst, proto, sport, dport, flags, seq):
+        rkey = _key(proto, dst, src, dport, sport, seq)
         first_type, first_code = sport, dport   # ICMP: the first packet's own type and code
         swap = False
         if proto == TCP and flags & SYN and flags & ACK:
@@ -220,8 +264,8 @@ class FlowTable:
             flow.cgrams, flow.sgrams = [], []
         elif proto in (1, 58):
             flow.icmp = [first_type, first_code, [], not swap]  # payloads; the first packet's side
-        self.flows[rkey] = (flow, False)
-        self.flows[key] = (flow, True)        # a flow to itself has one key: the initiator's
+        table[rkey] = (flow, False)
+        table[key] = (flow, True)             # a flow to itself has one key: the initiator's
         self.open += 1
         self.stats["flows"] += 1
         if self.open > self.max_flows:
@@ -249,10 +293,11 @@ class FlowTable:
     # ------------------------------------------------------------- finishing
 
     def _finish(self, flow: Flow) -> None:
-        if self.flows.get(flow.key, (None,))[0] is flow:
-            del self.flows[flow.key]
-        if self.flows.get(flow.rkey, (None,))[0] is flow:
-            del self.flows[flow.rkey]
+        table = self.tables[flow.proto]
+        if table.get(flow.key, (None,))[0] is flow:
+            del table[flow.key]
+        if table.get(flow.rkey, (None,))[0] is flow:
+            del table[flow.rkey]
         self.open -= 1
         self.on_finish(flow)
 
@@ -260,9 +305,7 @@ class FlowTable:
         """Finish flows that went idle, or closed more than the close delay ago."""
         self._next_sweep = now + SWEEP_EVERY_US
         done = []
-        for flow, is_orig in self.flows.values():
-            if not is_orig:
-                continue
+        for flow in self.open_flows():
             if flow.closed_at is not None:
                 if now - flow.closed_at > CLOSE_DELAY_US:
                     done.append(flow)
@@ -274,16 +317,31 @@ class FlowTable:
             self.stats["finished idle"] += 1
 
     def _shed(self, now: int) -> None:
-        oldest = sorted((f for f, o in self.flows.values() if o), key=lambda f: f.last)
+        oldest = sorted(self.open_flows(), key=lambda f: f.last)
         for flow in oldest[:max(1, self.max_flows // 10)]:
             self._finish(flow)
             self.stats["finished early at the table's bound"] += 1
 
     def close(self) -> None:
         """The capture ended: finish every open flow, in start order."""
-        rest = sorted((f for f, o in self.flows.values() if o), key=lambda f: f.start)
+        rest = sorted(self.open_flows(), key=lambda f: f.start)
         for flow in rest:
             self._finish(flow)
+
+
+_PORTS = struct.Struct("!HH").pack
+_ECHO = struct.Struct("!Hc").pack
+
+
+def _key(proto, src: bytes, dst: bytes, sport, dport, seq: int) -> bytes:
+    """A flow's key in its protocol's table: the tuple's bytes, addresses first."""
+    if proto == TCP or proto == UDP or proto == 132:
+        return src + dst + _PORTS(sport, dport)
+    if seq >= 0:                     # ICMP echo: the identifier pairs request and reply
+        return src + dst + _ECHO(seq, b"E")
+    if sport is not None:            # other ICMP: type and code (swapped in the reverse key)
+        return src + dst + bytes((sport, dport))
+    return src + dst
 
 
 def conn_state(flow: Flow) -> str:

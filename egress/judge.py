@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from egress.detectors import Context, Detector, default_detectors
-from egress.names import DnsBindings, NameBinding
+from egress.names import DnsBindings, NameBinding, bindings_from
 from egress.records import (Finding, FlowRecord, Mode, Severity, Step, TaskEvent,
                             verdict_for, Verdict)
 from tagging.manifest import Purpose
@@ -89,8 +89,31 @@ class Judge:
     # ------------------------------------------------------------------ API
 
     def learn_names(self, flow: FlowRecord) -> list[NameBinding]:
-        """Bind the names a DNS flow's answers give its task."""
-        return self.bindings.learn(flow)
+        """Bind the names a DNS flow's answers give its task (from resolvers it may use)."""
+        found = [b for b in bindings_from(flow) if self.admits(b)]
+        for b in found:
+            self.bindings.add(b)
+        return found
+
+    def admits(self, binding: NameBinding) -> bool:
+        """Does the binding come from a resolver the task's purpose declares?
+
+        Live, a task's DNS goes only to its own resolver; in a capture, an answer
+        from any other server (or on another port) binds nothing, in either mode.
+        """
+        policy = self.policies.get(binding.task) if binding.task is not None else None
+        if policy is None or binding.resolver is None:
+            return False
+        address = _address(binding.resolver)
+        names = [b.name for b in self.bindings.lookup(binding.task, binding.resolver,
+                                                      binding.time)]
+        port = binding.resolver_port
+        for transport in ("udp", "tcp"):
+            for rule in self._rules_for_port(policy, transport, port):
+                if rule.protocol_for(port) in ("dns", "any") \
+                        and rule.covers_destination(names, address):
+                    return True
+        return False
 
     def judge_flow(self, flow: FlowRecord) -> FlowRecord:
         """Run a whole recorded flow through every step it reached."""
@@ -167,55 +190,81 @@ class Judge:
         transport = TRANSPORT_OF.get(flow.proto, flow.proto)
         seen_name, seen_source = _sent_name(flow) if at_gate else (None, None)
         dns_names = [b.name for b in names]
+        tunnel = flow.tunnel if at_gate else None
 
-        # Names over addresses: the DNS names of the address, else the name sent.
+        # Names over addresses: only a name the task resolved to this address makes it
+        # a named destination. A name the client sends is evidence, never a declaration
+        # (live, the kernel admits resolved addresses only).
         if dns_names:
-            candidates = dns_names
             flow.server_name = seen_name if seen_name in dns_names else dns_names[0]
             flow.name_source = "dns"
-        elif seen_name:
-            candidates = [seen_name]
+        elif seen_name and _address(seen_name) is None and tunnel is None:
             flow.server_name, flow.name_source = seen_name, seen_source
         else:
-            candidates = []
             flow.server_name = flow.name_source = None
 
         findings: list[Finding] = []
-        address = _address(flow.dst)
-        covering = [r for r in self._rules_for_port(policy, transport, flow.dport)
-                    if r.covers_destination(candidates, address)]
-        rule = None
-        if not covering:
-            findings.append(Finding.make(
-                "undeclared-destination", name=candidates[0] if candidates else None,
-                address=flow.dst, port=flow.dport, transport=transport))
-        elif app is None:
-            rule = covering[0]  # provisional: the protocol is judged at the gate
-        else:
-            accepting = [r for r in covering if r.accepts_app(app, flow.dport)]
-            if accepting:
-                rule = accepting[0]
-            else:
-                findings.append(Finding.make(
-                    "protocol-mismatch", seen=app, rule=covering[0].describe(),
-                    expected=sorted({r.protocol_for(flow.dport) for r in covering})))
+        outer_app = app if tunnel is None else ("http" if tunnel.kind == "http-connect" else None)
+        rule, covering = self._destination(policy, findings, dns_names, flow.dst, flow.dport,
+                                           transport, outer_app)
+        if not dns_names and not (app == "dns" or (rule is not None
+                                                   and rule.protocol_for(flow.dport) == "dns")):
+            findings.append(Finding.make("direct-ip", address=flow.dst))  # resolvers excepted
 
-        if app == "ssh" and not any(r.protocol_for(flow.dport) == "ssh" for r in covering):
+        if tunnel is not None:
+            # Through a proxy: what the tunnel reaches is the destination that counts.
+            inner_addr = _address(tunnel.host or "")
+            if inner_addr is None:
+                inner_names = [_normal(tunnel.host)] if tunnel.host else []
+            else:
+                inner_names = [b.name for b in self.bindings.lookup(flow.task, str(inner_addr),
+                                                                    flow.start)]
+                if not inner_names:
+                    findings.append(Finding.make("direct-ip", address=str(inner_addr)))
+            inner_rule, inner_covering = self._destination(
+                policy, findings, inner_names, str(inner_addr) if inner_addr else flow.dst,
+                tunnel.port, "tcp", app, via=f"{tunnel.kind} {flow.dst}:{flow.dport}",
+                by_address=inner_addr is not None)
+            rule = inner_rule if rule is not None else None
+            covering, expected_names = inner_covering, inner_names
+            port = tunnel.port
+        else:
+            expected_names, port = dns_names, flow.dport
+
+        if app == "ssh" and not any(r.protocol_for(port) == "ssh" for r in covering):
             findings.append(Finding.make(
                 "ssh-egress", client_banner=flow.ssh.client if flow.ssh else None,
                 declared_for_ssh=sorted({r.destination() for r in rules
                                          if r.protocol == "ssh" or (r.protocol is None and r.ports
                                              and any(lo <= 22 <= hi for lo, hi in r.ports))})))
 
-        resolver_flow = app == "dns" or (rule is not None
-                                         and rule.protocol_for(flow.dport) == "dns")
-        if not dns_names and not resolver_flow:
-            findings.append(Finding.make("direct-ip", address=flow.dst))
-
-        if dns_names and seen_name and seen_name not in dns_names:
+        if expected_names and seen_name and seen_name not in expected_names:
             findings.append(Finding.make("sni-mismatch", seen=seen_name, source=seen_source,
-                                         resolved_names=sorted(set(dns_names))))
+                                         resolved_names=sorted(set(expected_names))))
         return findings, rule
+
+    def _destination(self, policy: TaskPolicy, findings: list[Finding], names: list[str],
+                     address: str, port, transport: str, app: str | None, *,
+                     via: str | None = None, by_address: bool = True):
+        """The rule a destination matches (or the finding why none does), and the rules
+        covering its name or address and port."""
+        addr = _address(address) if by_address else None
+        covering = [r for r in self._rules_for_port(policy, transport, port)
+                    if r.covers_destination(names, addr)]
+        if not covering:
+            findings.append(Finding.make(
+                "undeclared-destination", name=names[0] if names else None, address=address,
+                port=port, transport=transport, via=via))
+            return None, covering
+        if app is None:
+            return covering[0], covering  # provisional: the protocol is judged at the gate
+        for r in covering:
+            if r.accepts_app(app, port):
+                return r, covering
+        findings.append(Finding.make(
+            "protocol-mismatch", seen=app, rule=covering[0].describe(),
+            expected=sorted({r.protocol_for(port) for r in covering})))
+        return None, covering
 
     def _rules_for_port(self, policy: TaskPolicy, transport: str, port) -> list[AllowRule]:
         """The rules covering a transport and port, looked up once per task and port."""
@@ -295,6 +344,13 @@ def _sent_name(flow: FlowRecord) -> tuple[str | None, str | None]:
         return normalize_name(raw), source
     except ValueError:
         return raw.lower(), source  # a malformed name still counts as sent, and mismatches
+
+
+def _normal(name: str) -> str:
+    try:
+        return normalize_name(name)
+    except ValueError:
+        return name.lower()
 
 
 def _strip_port(host: str) -> str:

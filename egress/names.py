@@ -35,11 +35,12 @@ def bindings_from(flow: FlowRecord) -> list[NameBinding]:
     if flow.dns is None:
         return []
     return [b for q in flow.dns.queries
-            for b in query_bindings(q, flow.task, flow.start, flow.flow_id)]
+            for b in query_bindings(q, flow.task, flow.start, flow.flow_id, flow.dst,
+                                    flow.dport)]
 
 
-def query_bindings(q: DnsQuery, task: str | None, time: int,
-                   flow_id: str | None) -> list[NameBinding]:
+def query_bindings(q: DnsQuery, task: str | None, time: int, flow_id: str | None,
+                   resolver: str | None = None, port: int | None = None) -> list[NameBinding]:
     """Each answer binds every name of its CNAME chain to the chain's addresses."""
     addresses = [a for a in q.answers if _is_address(a)]
     if not addresses:
@@ -52,7 +53,8 @@ def query_bindings(q: DnsQuery, task: str | None, time: int,
             continue  # a malformed name in an answer binds nothing
         for address in addresses:
             out.append(NameBinding(task=task, name=name, address=str(ipaddress.ip_address(address)),
-                                   ttl=q.ttl or 0, time=time, flow_id=flow_id))
+                                   ttl=q.ttl or 0, time=time, flow_id=flow_id,
+                                   resolver=resolver, resolver_port=port))
     return out
 
 

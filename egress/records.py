@@ -118,6 +118,8 @@ class UndeclaredDestinationEvidence:
     """The destination port; None for ICMP."""
     transport: str
     """tcp, udp or icmp."""
+    via: str | None = None
+    """The proxy the flow went through (``socks5 192.0.2.8:1080``); None when direct."""
 
 
 @dataclass(kw_only=True)
@@ -493,6 +495,8 @@ class QuicInfo:
     """The QUIC version of the Initial packets (hex, e.g. 0x00000001)."""
     sni: str | None = None
     """The SNI from the decrypted ClientHello, where known."""
+    ech: bool | None = None
+    """True when the decrypted ClientHello carries encrypted_client_hello."""
 
 
 @dataclass(kw_only=True)
@@ -558,7 +562,7 @@ class FlowRecord:
     start: int = _time()
     """First packet, microseconds since the epoch (UTC)."""
     end: int | None = field(default=None, metadata={"time": True})
-    """Last packet so far; None when only the first was seen."""
+    """Last packet so far (equal to start for a one-packet flow); None when not known."""
     conn_state: str | None = None
     """Zeek's conn_state code (S0, SF, REJ, RSTO, ...); None when not tracked."""
     observed: str = "full"
@@ -575,7 +579,7 @@ class FlowRecord:
     tls: TlsInfo | None = None
     """TLS details; None unless app is tls."""
     http: HttpInfo | None = None
-    """HTTP details; None unless app is http."""
+    """HTTP details; None unless app is http or the flow is an HTTP CONNECT tunnel."""
     ssh: SshInfo | None = None
     """SSH details; None unless app is ssh."""
     stratum: StratumInfo | None = None
@@ -615,7 +619,32 @@ class FlowRecord:
 
     @classmethod
     def from_json(cls, data: typing.Any, *, strict: bool = False) -> "FlowRecord":
-        return _read_top(cls, data, "flow", strict)
+        record = _read_top(cls, data, "flow", strict)
+        record.check()
+        return record
+
+    def check(self) -> None:
+        """Refuse values no flow can have (RecordError naming the field)."""
+        def bad(name, why):
+            raise RecordError(f"flow.{name}: {why}")
+        if self.event not in ("interim", "final"):
+            bad("event", f"{self.event!r} is not interim or final")
+        if self.ip_version not in (4, 6):
+            bad("ip_version", f"{self.ip_version} is not 4 or 6")
+        if self.direction not in ("outbound", "inbound"):
+            bad("direction", f"{self.direction!r} is not outbound or inbound")
+        if self.observed not in OBSERVED:
+            bad("observed", f"{self.observed!r} is not one of {', '.join(OBSERVED)}")
+        for name in ("sport", "dport"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                bad(name, f"{port} is not a port")
+        for name in ("bytes_out", "bytes_in", "packets_out", "packets_in"):
+            value = getattr(self, name)
+            if not 0 <= value < 2 ** 63:
+                bad(name, f"{value} is not a count")
+        if self.end is not None and self.end < self.start:
+            bad("end", "before start")
 
 
 @dataclass(kw_only=True)
@@ -657,7 +686,13 @@ class NameBinding:
     """When the answer was seen, microseconds since the epoch."""
     flow_id: str | None = None
     """The DNS flow that carried the answer; None when not recorded as a flow."""
+    resolver: str | None = None
+    """The address of the resolver that answered; None when not known."""
+    resolver_port: int | None = None
+    """The port the resolver answered from; None when not known."""
 
+
+OBSERVED = ("full", "first-packets", "first-packets+watch", "conntrack-only")
 
 TASK_EVENTS = ("task-started", "task-ended", "dns-refused", "dns-tunnel",
                "budget-exceeded", "events-lost")

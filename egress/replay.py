@@ -51,6 +51,8 @@ class ReplayResult:
     """Input the sources could not use, by reason."""
     violations: bool
     """A flow flagged or blocked, or a task event of medium severity or above."""
+    unbound: Counter = field(default_factory=Counter)
+    """DNS answers that bound no name, by why (an undeclared resolver)."""
 
 
 def _reset(flow: FlowRecord, task: str | None) -> FlowRecord:
@@ -120,12 +122,19 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
             recorder.task(t, purpose, run_mode, at)
         emit(TaskEvent(task=t, time=at, event="task-started"))
 
+    unbound: Counter = Counter()
     for item in items:
         if isinstance(item, NameBinding):
             if owner and item.task is not None:
                 item = dataclasses.replace(item, task=owner)
-            judge.bindings.add(item)
-            pending_names.append(item)
+            if item.task is not None and item.task not in spans:
+                begin(item.task, item.time)
+            if judge.admits(item):
+                judge.bindings.add(item)
+                pending_names.append(item)
+            else:
+                unbound[f"from {item.resolver}:{item.resolver_port}, a resolver the purpose "
+                        "does not declare"] += 1
             continue
         flow = _reset(item, owner if (owner and item.task is not None) else item.task)
         if flow.task is not None:
@@ -147,4 +156,4 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
             recorder.end_task(t, last)
     flush()
     return ReplayResult(tasks=summaries, skipped=skipped if skipped is not None else Counter(),
-                        violations=violations)
+                        violations=violations, unbound=unbound)

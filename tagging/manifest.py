@@ -157,6 +157,8 @@ def parse(raw: bytes | str, source: str = "<manifest>") -> Purpose:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         fail("profiles", "expected a list of profile names")
     rules: list[AllowRule] = []
+    if len(set(names)) != len(names):
+        fail("profiles", "lists a profile twice")
     for i, name in enumerate(names):
         try:
             rules.extend(profiles.load(name).rules)
@@ -166,6 +168,8 @@ def parse(raw: bytes | str, source: str = "<manifest>") -> Purpose:
     waive = data.get("waive", [])
     if not isinstance(waive, list):
         fail("waive", "expected a list of finding ids")
+    if len({str(w) for w in waive}) != len(waive):
+        fail("waive", "lists a finding id twice")
     for i, fid in enumerate(waive):
         kind = FINDINGS.get(fid) if isinstance(fid, str) else None
         if kind is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from dataclasses import dataclass
 
 import idna
@@ -61,7 +62,32 @@ def normalize_host_pattern(pattern: str) -> str:
         name = normalize_name(rest)
     except ValueError as e:
         raise RuleError("host", str(e)) from None
+    if _is_ip(name):
+        raise RuleError("host", f"{pattern!r} is an address: use cidr = \"{name}/32\" "
+                                "(a host rule matches names the task resolved)")
+    for label in name.split("."):
+        # Host names are letters, digits and hyphens (RFC 1123); A-labels must decode.
+        if not _LDH.match(label):
+            raise RuleError("host", f"{pattern!r}: {label!r} is not a host name label "
+                                    "(letters, digits and inner hyphens)")
+        if label.startswith("xn--"):
+            try:
+                idna.decode(label)
+            except idna.IDNAError:
+                raise RuleError("host", f"{pattern!r}: {label!r} is not a valid IDNA label") \
+                    from None
     return ("*." + name) if wildcard else name
+
+
+_LDH = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")  # _ for _dmarc-style names
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
 
 
 def host_matches(pattern: str, name: str) -> bool:

@@ -45,7 +45,8 @@ def make_dns_flow(name: str, answers: list[str], *, qtype: str = "A", ttl: int =
                   **fields) -> FlowRecord:
     """A DNS lookup by the task; its answers bind ``name`` (and CNAMEs) to addresses."""
     fields.setdefault("dst", "10.213.0.1")
-    return make_flow(proto="udp", dport=53, app="dns", conn_state="SF",
+    fields.setdefault("dport", 53)
+    return make_flow(proto="udp", app="dns", conn_state="SF",
                      dns=DnsInfo(queries=[DnsQuery(name=name, type=qtype, answers=answers,
                                                    ttl=ttl, rcode="NOERROR")]),
                      **fields)

@@ -12,7 +12,7 @@ class EncryptedClientHello:
     window = Window(packets=8, bytes=16384)
 
     def inspect(self, flow: FlowRecord, ctx: Context):
-        tls = flow.tls
-        if tls is not None and tls.ech:
-            return [Finding.make("encrypted-client-hello", outer_sni=tls.sni)]
+        for hello in (flow.tls, flow.quic):         # TLS over TCP, or inside QUIC
+            if hello is not None and hello.ech:
+                return [Finding.make("encrypted-client-hello", outer_sni=hello.sni)]
         return []

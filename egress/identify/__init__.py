@@ -196,7 +196,7 @@ class Identifier:
         for side, data in enumerate((c, s)):
             msgs = dns.tcp_stream(data).messages   # short streams: parse again, handle the new
             for msg in msgs[st.dns_seen[side]:]:
-                self._dns_message(flow, st, msg)
+                self._dns_message(flow, st, msg, from_client=side == 0)
             st.dns_seen[side] = max(st.dns_seen[side], len(msgs))
         if len(st.dns) >= MAX_DNS_QUERIES or self._full(flow):
             flow.collecting = False
@@ -215,11 +215,11 @@ class Identifier:
                 flow.collecting = False
                 return
         if st.app == "dns":
-            for grams in (flow.cgrams, flow.sgrams):
+            for grams, from_client in ((flow.cgrams, True), (flow.sgrams, False)):
                 while grams:
                     msg = dns.message(grams.pop(0))
                     if msg is not None:
-                        self._dns_message(flow, st, msg)
+                        self._dns_message(flow, st, msg, from_client)
             if len(st.dns) >= MAX_DNS_QUERIES:
                 flow.collecting = False
         elif st.app == "quic":
@@ -227,27 +227,30 @@ class Identifier:
             if got is NEED_MORE:
                 return
             if got:
-                st.quic = QuicInfo(version=got.version, sni=got.sni.lower() if got.sni else None)
+                st.quic = _quic_info(got)
             flow.collecting = False
 
-    def _dns_message(self, flow, st: _State, msg) -> None:
+    def _dns_message(self, flow, st: _State, msg, from_client: bool) -> None:
+        """Record a message; an answer binds names only when it is the responder's answer
+        to a query the task asked (same id, same name), never a forged or stray one."""
         query = dns.as_query(msg)
         if query is None:
             return
         if not msg.is_response:
             if len(st.dns) < MAX_DNS_QUERIES:
                 st.dns.append(query)
-                st.dns_pending[msg.id] = query
+                if from_client:
+                    st.dns_pending[msg.id] = query
             flow.closed_at = None
             return
-        asked = st.dns_pending.pop(msg.id, None)
+        asked = st.dns_pending.get(msg.id) if not from_client else None
         if asked is not None and asked.name == query.name:
+            del st.dns_pending[msg.id]
             asked.answers, asked.ttl, asked.rcode = query.answers, query.ttl, query.rcode
-            query = asked
+            if asked.answers:
+                self.on_answer(flow, asked, flow.last)
         elif len(st.dns) < MAX_DNS_QUERIES:
-            st.dns.append(query)              # an answer whose query we did not see
-        if query.answers:
-            self.on_answer(flow, query, flow.last)
+            st.dns.append(query)              # an answer to nothing we saw asked: kept, not bound
         if flow.proto == UDP and not st.dns_pending:
             # Every query answered: the lookup is over. It ends after the close delay
             # (a query more in that time reopens it), not a minute of idle later.
@@ -265,10 +268,15 @@ class Identifier:
         elif flow.collecting and st.app == "quic" and st.quic is None:
             got = quic.initial(flow.cgrams, final=True)
             if got:
-                st.quic = QuicInfo(version=got.version, sni=got.sni.lower() if got.sni else None)
+                st.quic = _quic_info(got)
         return {"app": st.app, "tls": st.tls, "http": st.http, "ssh": st.ssh,
                 "stratum": st.stratum, "quic": st.quic, "tunnel": st.tunnel,
                 "dns": DnsInfo(queries=st.dns) if st.dns is not None else None}
+
+
+def _quic_info(got) -> QuicInfo:
+    return QuicInfo(version=got.version, sni=got.sni.lower() if got.sni else None,
+                    ech=got.ech if got.complete else None)
 
 
 def _head_len(flow, st: _State) -> int:

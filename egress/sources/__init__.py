@@ -13,13 +13,13 @@ class Inputs:
     """What a replay reads: its items in order, and what it could not use."""
 
     def __init__(self, paths: list[str], task: str | None):
-        from egress.sources.capture import CaptureSource, is_capture
-        kinds = {is_capture(p) for p in paths}
+        from egress.sources.capture import CaptureSource, sniff
+        kinds = {sniff(p) for p in paths}
         if len(kinds) > 1:
             raise SourceError("give captures or flow logs, not both in one replay")
         self.skipped: Counter = Counter()
         self.capture = None
-        if kinds == {True}:
+        if kinds == {"capture"}:
             # Until attribution by address or time exists, one task owns every flow.
             self.capture = CaptureSource(paths, owner=lambda flow, src, dst: task)
             self.items: Iterable[FlowRecord | NameBinding] = self.capture
@@ -31,7 +31,8 @@ class Inputs:
         out: dict = {"skipped": dict(self.skipped)}
         if self.capture is not None:
             st = self.capture.stats
-            out.update(packets=st.packets, decoded=st.decoded, malformed=dict(st.malformed),
+            out.update(packets=st.packets, decoded=st.decoded, snapped=st.snapped,
+                       malformed=dict(st.malformed),
                        not_ip=dict(st.other), truncated=dict(st.truncated),
                        flow_table=dict(st.table))
         return out

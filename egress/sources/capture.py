@@ -28,15 +28,32 @@ Owner = Callable[[Flow, str, str], "str | None"]
 """Which task owns a flow, given it and its initiator and responder addresses as text."""
 
 
-def is_capture(path: str | Path) -> bool:
-    """Does the file start like a pcap, pcapng or gzip file?"""
+def sniff(path: str | Path) -> str:
+    """``capture`` or ``flowlog`` by the file's first bytes (inside gzip too); SourceError else."""
+    import gzip
+    from egress.capture.files import PCAP_MAGICS, PCAPNG_SHB
+    from egress.sources.flowlog import SourceError
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return False
-    from egress.capture.files import PCAP_MAGICS, PCAPNG_SHB
-    return head in PCAP_MAGICS or head == PCAPNG_SHB or head[:2] == b"\x1f\x8b"
+            head = f.read(64)
+            if head[:2] == b"\x1f\x8b":
+                f.seek(0)
+                try:
+                    head = gzip.open(f).read(64)
+                except (OSError, EOFError) as e:
+                    raise SourceError(f"{path}: broken gzip data: {e}") from None
+    except FileNotFoundError:
+        raise SourceError(f"{path}: no such file") from None
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read: {e.strerror}") from None
+    if not head:
+        raise SourceError(f"{path}: empty: neither a capture nor a flow log")
+    if head[:4] in PCAP_MAGICS or head[:4] == PCAPNG_SHB:
+        return "capture"
+    if head.lstrip()[:1] == b"{":
+        return "flowlog"
+    raise SourceError(f"{path}: neither a capture (pcap, pcapng) nor a flow log "
+                      "(JSON lines of flow records)")
 
 
 @dataclass
@@ -45,6 +62,8 @@ class CaptureStats:
     """Packet records read, every file."""
     decoded: int = 0
     """Packets that reached the flow table."""
+    snapped: int = 0
+    """Packets the capture's snap length cut short (their payload may be missing)."""
     malformed: Counter = field(default_factory=Counter)
     """Packets skipped as malformed, by reason."""
     other: Counter = field(default_factory=Counter)
@@ -68,20 +87,27 @@ class CaptureSource:
     def __iter__(self) -> Iterator[FlowRecord | NameBinding]:
         out = self._out
         table, decoder = self._table, Decoder()
-        decode, packet = decoder.decode, table.packet
+        decode, packet, fast = decoder.decode, table.packet, table.fast_ipv4
         for path in self.paths:
             packets, read = open_capture(path)   # CaptureError: not a capture
-            decoded = 0
-            for linktype, ts, buf, off, caplen, _ in packets:
-                d = decode(linktype, ts, buf, off, caplen)
-                if d is not None:
-                    decoded += 1
-                    packet(ts, *d)
-                    if out:
-                        yield from out
-                        out.clear()
+            dropped = cut = 0
+            for linktype, ts, buf, off, caplen, origlen in packets:
+                if caplen < origlen:
+                    cut += 1
+                # Ethernet carrying IPv4 of a flow that only needs counting: the fast path.
+                if not (linktype == 1 and buf[off + 12] == 8 and buf[off + 13] == 0
+                        and caplen >= 54 and fast(ts, buf, off + 14, off + caplen)):
+                    d = decode(linktype, ts, buf, off, caplen)
+                    if d is None:
+                        dropped += 1
+                    else:
+                        packet(ts, *d)
+                if out:
+                    yield from out
+                    out.clear()
             self.stats.packets += read.packets
-            self.stats.decoded += decoded
+            self.stats.decoded += read.packets - dropped
+            self.stats.snapped += cut
             if read.truncated:
                 self.stats.truncated[path] = read.truncated
         decoder.finish()
@@ -102,14 +128,18 @@ class CaptureSource:
 
     def _flow_id(self, flow: Flow) -> str:
         if flow.flow_id is None:
-            flow.flow_id = stable_flow_id(flow.proto, flow.src.hex(), flow.sport, flow.dst.hex(),
-                                          flow.dport, flow.start)
+            # The owner is part of it: the same capture replayed for another task gives
+            # that task its own flows instead of taking over the first task's.
+            task = self.owner(flow, self._addr(flow.src), self._addr(flow.dst))
+            flow.flow_id = stable_flow_id(task, flow.proto, flow.src.hex(), flow.sport,
+                                          flow.dst.hex(), flow.dport, flow.start)
         return flow.flow_id
 
     def _answer(self, flow: Flow, query: DnsQuery, ts: int) -> None:
         self._flow_id(flow)
         task = self.owner(flow, self._addr(flow.src), self._addr(flow.dst))
-        self._out.extend(query_bindings(query, task, ts, flow.flow_id))
+        self._out.extend(query_bindings(query, task, ts, flow.flow_id, self._addr(flow.dst),
+                                        flow.dport))
 
     def _finish(self, flow: Flow) -> None:
         src, dst = self._addr(flow.src), self._addr(flow.dst)

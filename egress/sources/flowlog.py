@@ -25,7 +25,12 @@ class SourceError(ValueError):
 def read_flowlog(path: str | Path, skipped: Counter) -> list[FlowRecord]:
     """Every flow record of a JSON-lines file (gzip read transparently)."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+    except OSError:
+        gzipped = False
+    opener = gzip.open if gzipped else open
     flows: list[FlowRecord] = []
     good = 0
     try:

@@ -89,8 +89,13 @@ def test_replay_not_a_flow_log(tmp_path):
     junk.write_text("this is not json\n")
     result = run("replay", junk, "--purpose", PURPOSE, "--no-store")
     assert result.exit_code == 1
-    assert result.output.startswith(f"egress: {junk}: not a flow log (line 1")
+    assert result.output.startswith(f"egress: {junk}: neither a capture")
     assert result.output.count("\n") == 1
+    almost = tmp_path / "almost.jsonl"
+    almost.write_text('{"kind": "flow"}\n')
+    result = run("replay", almost, "--purpose", PURPOSE, "--no-store")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"egress: {almost}: not a flow log (line 1")
 
 
 def test_replay_counts_and_skips_bad_lines(tmp_path):
@@ -233,3 +238,48 @@ def test_explain_by_filter(filled):
     assert result.exit_code == 0 and result.output.count("flow f-") == 1
     assert "169.254.169.254" in result.output
     assert run("explain", "--db", filled).exit_code == 2
+
+
+def test_reading_a_missing_store_is_an_error(tmp_path):
+    result = run("audit", "--db", tmp_path / "none.db")
+    assert result.exit_code == 1 and "no store at" in result.output
+    assert not (tmp_path / "none.db").exists()
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "empty"),
+    (bytes(range(256)) * 4, "neither a capture"),
+])
+def test_inputs_that_are_neither(tmp_path, content, problem):
+    path = tmp_path / "input"
+    path.write_bytes(content)
+    result = run("replay", path, "--purpose", PURPOSE, "--no-store")
+    assert result.exit_code == 1 and problem in result.output and result.output.count("\n") == 1
+
+
+def test_gzipped_flow_log(tmp_path):
+    import gzip
+    packed = tmp_path / "flows.gz"
+    packed.write_bytes(gzip.compress(Path(FLOWS).read_bytes()))
+    result = run("replay", packed, "--purpose", PURPOSE, "--no-store", "--json")
+    assert result.exit_code == 10
+    assert sum('"kind":"flow"' in l for l in result.output.splitlines()) == 15
+
+
+def test_impossible_flow_log_values_are_counted_and_skipped(tmp_path):
+    lines = Path(FLOWS).read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad.update(sport=70000)
+    log = tmp_path / "flows.jsonl"
+    log.write_text("\n".join(lines + [json.dumps(bad)]) + "\n")
+    result = run("replay", log, "--purpose", PURPOSE, "--no-store")
+    assert "skipped 1 input record(s): not a flow record (flow.sport)" in result.output
+
+
+def test_the_same_capture_for_two_tasks_keeps_both(store_url):
+    for task in ("task-a", "task-b"):
+        assert run("replay", CAPTURE, "--purpose", PURPOSE, "--task", task,
+                   "--db", store_url).exit_code == 10
+    for task in ("task-a", "task-b"):
+        listed = run("audit", "--db", store_url, "--task", task, "--json", "--no-events")
+        assert len(listed.output.splitlines()) == 15, task

@@ -255,7 +255,7 @@ def handshake(h: Harness, isn_c: int = 1000, isn_s: int = 5000, ts: int = 0) -> 
 
 
 def stream_of(h: Harness, orig: bool = True) -> bytes:
-    flow = next(f for f, o in h.table.flows.values() if o)
+    flow = h.table.open_flows()[0]
     s = flow.cstream if orig else flow.sstream
     return bytes(s.data)
 
@@ -352,7 +352,7 @@ def test_stream_cap_bounds_the_first_bytes():
     for i in range(0, len(content), 1000):
         h.send(10 + i, tcp("c", "PA", seq, content[i:i + 1000]))
         seq += len(content[i:i + 1000])
-    flow = next(f for f, o in h.table.flows.values() if o)
+    flow = h.table.open_flows()[0]
     assert bytes(flow.cstream.data) == content[:STREAM_CAP] and flow.cstream.full
     assert client_calls(h) == -(-STREAM_CAP // 1000)          # none once full
 
@@ -364,7 +364,7 @@ def test_stream_filled_exactly_to_the_cap_is_full():
     assert STREAM_CAP % seg == 0
     for i in range(STREAM_CAP // seg + 2):
         h.send(10 + i, tcp("c", "PA", 1001 + seg * i, bytes([i % 256]) * seg))
-    flow = next(f for f, o in h.table.flows.values() if o)
+    flow = h.table.open_flows()[0]
     assert flow.cstream.full and len(flow.cstream.data) == STREAM_CAP
     assert client_calls(h) == STREAM_CAP // seg
 
@@ -434,7 +434,7 @@ def test_idle_timeouts_per_protocol():
     assert len(h.finished) == 3
     sweep(TCP_IDLE + 1)
     assert [f.proto for f in h.finished] == [17, 1, 47, 6]
-    assert h.table.stats["finished idle"] == 4 and h.table.open == 0 and h.table.flows == {}
+    assert h.table.stats["finished idle"] == 4 and h.table.open == 0 and h.table.open_flows() == []
 
 
 def test_packets_keep_a_flow_alive():
@@ -459,7 +459,7 @@ def test_a_closed_flow_finishes_after_the_close_delay():
     h = Harness()
     h.conversation(CONN_STATES["SF"], ts=0, step_us=1000)
     closed_at = 4000                                   # the responder's FIN, fifth packet
-    flow = next(f for f, o in h.table.flows.values() if o)
+    flow = h.table.open_flows()[0]
     assert flow.closed_at == closed_at
     h.table.sweep(closed_at + CLOSE_DELAY - 1)
     assert h.finished == []
@@ -526,7 +526,7 @@ def test_close_finishes_everything_in_start_order():
     flows = h.close()
     assert [f.start for f in flows] == [1000, 2000, 3000]
     assert [f.sport for f in flows] == [5, 6, 7]
-    assert h.table.flows == {} and h.table.open == 0
+    assert h.table.open_flows() == [] and h.table.open == 0
 
 
 def test_a_packet_after_the_idle_timeout_starts_a_new_flow():

@@ -13,8 +13,12 @@ from tests.factories import (make_dns_flow, make_flow, make_http_flow, make_ssh_
 BASE = 'version = 1\npurpose = "test"\n'
 
 
+RESOLVER = '\n[[allow]]\ncidr = "10.213.0.1/32"\nprotocol = "dns"\n'
+"""The task's resolver (make_dns_flow's), declared so that its answers bind names."""
+
+
 def judge_for(text: str, mode=Mode.AUDIT, detectors=None) -> Judge:
-    purpose = manifest.parse(BASE + text, "t.toml")
+    purpose = manifest.parse(BASE + text + RESOLVER, "t.toml")
     return Judge([TaskPolicy("t1", purpose, mode)], mode=mode, detectors=detectors)
 
 
@@ -301,15 +305,25 @@ def test_enforce_block_is_final():
     assert "undeclared-destination" in ids(flow)
 
 
-def test_audit_reconsiders_at_the_gate():
-    j = judge_for(ALLOW_EXAMPLE, Mode.AUDIT)
-    flow = make_tls_flow("example.org", dst="203.0.113.77")
-    j.decide(flow, Step.START)
-    assert ids(flow) == ["undeclared-destination", "direct-ip"]
-    j.decide(flow, Step.GATE)
-    assert ids(flow) == ["direct-ip"]
-    assert flow.server_name == "example.org" and flow.name_source == "sni"
-    assert flow.verdict is Verdict.FLAG and flow.decided_at is Step.START
+def test_a_sent_name_never_declares_a_destination():
+    # Names over addresses: SNI without a DNS answer is evidence, not a declaration,
+    # so audit and enforce agree (live, the kernel admits resolved addresses only).
+    for mode, verdict in ((Mode.AUDIT, Verdict.FLAG), (Mode.ENFORCE, Verdict.BLOCK)):
+        j = judge_for(ALLOW_EXAMPLE, mode)
+        flow = make_tls_flow("example.org", dst="203.0.113.77")
+        j.decide(flow, Step.START)
+        j.decide(flow, Step.GATE)
+        assert ids(flow) == ["undeclared-destination", "direct-ip"]
+        assert flow.verdict is verdict and flow.decided_at is Step.START
+    assert flow.server_name is None or mode is Mode.ENFORCE
+    audit = judge_for(ALLOW_EXAMPLE).judge_flow(make_tls_flow("example.org", dst="203.0.113.77"))
+    assert audit.server_name == "example.org" and audit.name_source == "sni"
+
+
+def test_an_address_in_host_or_sni_is_not_a_name():
+    j = judge_for('[[allow]]\ncidr = "169.254.0.0/16"\nports = [80]\n')
+    flow = j.judge_flow(make_http_flow("169.254.169.254", dst="169.254.169.254"))
+    assert flow.server_name is None and flow.name_source is None
 
 
 class Raising:
@@ -407,3 +421,61 @@ def test_encrypted_dns(rule, sni, dst, dport, expected):
     flow = j.judge_flow(make_tls_flow(sni, dst=dst, dport=dport))
     found = [f for f in flow.findings if f.id == "encrypted-dns"]
     assert [f.evidence.kind for f in found] == ([expected] if expected else [])
+
+
+# ------------------------------------------------------------------------ tunnels
+
+PROXY = ('[[allow]]\ncidr = "192.0.2.8/32"\nports = [3128, 1080]\nprotocol = "any"\n'
+         'waive = ["direct-ip"]\n')
+
+
+def tunnelled(kind, host, port, app="tls", sni=None, **fields):
+    from egress.records import Tunnel, HttpInfo
+    extra = {"http": HttpInfo(method="CONNECT", host=f"{host}:{port}")} \
+        if kind == "http-connect" else {}
+    return make_flow(dst="192.0.2.8", dport=3128 if kind == "http-connect" else 1080, app=app,
+                     tls=TlsInfo(sni=sni) if app == "tls" else None,
+                     tunnel=Tunnel(kind=kind, host=host, port=port), **extra, **fields)
+
+
+@pytest.mark.parametrize("kind", ["http-connect", "socks5"])
+def test_what_a_tunnel_reaches_is_judged(kind):
+    j = judge_for('waive = ["direct-ip"]\n[[allow]]\ncidr = "192.0.2.8/32"\nports = [3128, 1080]\n'
+                  'protocol = "any"\n' + ALLOW_EXAMPLE)
+    ok = j.judge_flow(tunnelled(kind, "example.org", 443, sni="example.org"))
+    assert [f.id for f in ok.findings if not f.waived] == [] and ok.verdict is Verdict.ALLOW
+    bad = j.judge_flow(tunnelled(kind, "evil.example", 443, sni="evil.example"))
+    undeclared = [f for f in bad.findings if f.id == "undeclared-destination"]
+    assert undeclared and undeclared[0].evidence.name == "evil.example"
+    assert undeclared[0].evidence.via.startswith(kind)
+    assert "sni-mismatch" not in ids(bad)
+
+
+def test_ssh_through_a_proxy_is_ssh_egress_and_undeclared():
+    j = judge_for('waive = ["direct-ip"]\n[[allow]]\ncidr = "192.0.2.8/32"\nports = [3128]\n'
+                  'protocol = "any"\n')
+    flow = j.judge_flow(tunnelled("http-connect", "198.51.100.7", 22, app="ssh"))
+    assert {"undeclared-destination", "ssh-egress"} <= set(ids(flow))
+
+
+def test_sni_inside_a_tunnel_must_match_the_requested_name():
+    j = judge_for('waive = ["direct-ip"]\n[[allow]]\ncidr = "192.0.2.8/32"\nports = [3128]\n'
+                  'protocol = "any"\n' + ALLOW_EXAMPLE)
+    flow = j.judge_flow(tunnelled("http-connect", "example.org", 443, sni="other.example"))
+    assert "sni-mismatch" in ids(flow)
+
+
+# --------------------------------------------------------- where bindings come from
+
+def test_an_answer_from_an_undeclared_resolver_binds_nothing():
+    j = judge_for(ALLOW_EXAMPLE)
+    stray = make_dns_flow("example.org", ["203.0.113.10"], dst="203.0.113.53")
+    assert j.learn_names(stray) == []
+    flow = j.judge_flow(make_tls_flow("example.org"))
+    assert "undeclared-destination" in ids(flow) and "direct-ip" in ids(flow)
+
+
+def test_an_answer_on_another_port_binds_nothing():
+    j = judge_for(ALLOW_EXAMPLE)
+    assert j.learn_names(make_dns_flow("example.org", ["203.0.113.10"], dport=9999)) == []
+    assert len(j.learn_names(make_dns_flow("example.org", ["203.0.113.10"]))) == 1

@@ -138,3 +138,27 @@ def test_every_shipped_profile_loads():
     assert set(REQUIRED_PROFILES) <= set(profiles.names())
     for name in profiles.names():
         profiles.load(name)
+
+
+@pytest.mark.parametrize("host, problem", [
+    ("a b.example", "not a host name label"),
+    ("foo/bar", "not a host name label"),
+    ("*.example.org:443", "not a host name label"),
+    ("192.0.2.1", "is an address"),
+    ("::1", "is an address"),
+    ("xn--.example", "not a host name label"),
+    ("xn--55555555.example", "IDNA"),
+    ("-lead.example", "not a host name label"),
+])
+def test_host_names_are_checked(host, problem):
+    with pytest.raises(ManifestError, match=problem):
+        parse(f'[[allow]]\nhost = "{host}"')
+
+
+@pytest.mark.parametrize("text, key", [
+    ('profiles = ["dns", "dns"]', "profiles"),
+    ('waive = ["direct-ip", "direct-ip"]', "waive"),
+])
+def test_duplicates_are_refused(text, key):
+    with pytest.raises(ManifestError, match=f"^task.toml: {key}: .*twice"):
+        parse(text)

@@ -1,4 +1,4 @@
-"""Flows get ``weird`` (anomalies: midstream, overlap-conflict) and ``tunnel`` (CONNECT/SOCKS).
+"""Flows get ``weird`` (anomalies) and ``tunnel`` (CONNECT/SOCKS); bindings their resolver.
 
 Revision ID: 0002
 Revises: 0001
@@ -19,8 +19,12 @@ depends_on = None
 def upgrade() -> None:
     op.add_column("flows", sa.Column("weird", sa.Text(), nullable=True))
     op.add_column("flows", sa.Column("tunnel", sa.Text(), nullable=True))
+    op.add_column("dns_bindings", sa.Column("resolver", sa.String(length=64), nullable=True))
+    op.add_column("dns_bindings", sa.Column("resolver_port", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("dns_bindings", "resolver_port")
+    op.drop_column("dns_bindings", "resolver")
     op.drop_column("flows", "tunnel")
     op.drop_column("flows", "weird")

@@ -1,0 +1,66 @@
+"""The capture source: the fast path for bulk packets changes nothing but speed."""
+
+from pathlib import Path
+
+from egress.flowtable import FlowTable
+from egress.records import FlowRecord
+from egress.sources.capture import CaptureSource
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def replay(path, monkeypatch=None, fast=True):
+    if not fast:
+        monkeypatch.setattr(FlowTable, "fast_ipv4", lambda self, *a: False)
+    src = CaptureSource([str(path)], owner=lambda f, s, d: "t1")
+    items = list(src)
+    return items, src.stats
+
+
+def test_fast_path_and_full_path_agree(monkeypatch, tmp_path):
+    import sys
+    sys.path.insert(0, str(ROOT / "bench"))
+    from make_capture import write_capture
+    cap = tmp_path / "small.pcap"
+    made = write_capture(str(cap), flows=300, bulk_packets=6000)
+    fast_items, fast_stats = replay(cap)
+    slow_items, slow_stats = replay(cap, monkeypatch, fast=False)
+    assert fast_items == slow_items
+    flows = [i for i in fast_items if isinstance(i, FlowRecord)]
+    assert len(flows) == made["flows"]
+    assert fast_stats.packets == slow_stats.packets == made["packets"]
+    assert fast_stats.decoded == slow_stats.decoded == made["packets"]
+    assert sum(f.packets_out + f.packets_in for f in flows) == made["packets"]
+
+
+def test_only_the_responders_answer_to_a_query_binds(tmp_path):
+    from scapy.layers.dns import DNS, DNSQR, DNSRR
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import wrpcap
+    from egress.records import NameBinding
+
+    def dns(src, dst, sport, dport, t, **kw):
+        p = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=src, dst=dst) / \
+            UDP(sport=sport, dport=dport) / DNS(**kw)
+        p.time = t
+        return p
+
+    task, resolver = "10.0.0.2", "10.0.0.1"
+    q = DNSQR(qname="good.example")
+    answer = DNSRR(rrname="good.example", type="A", ttl=60, rdata="203.0.113.1")
+    forged = DNSRR(rrname="pypi.org", type="A", ttl=60, rdata="203.0.113.66")
+    packets = [
+        dns(task, resolver, 5000, 53, 1.0, id=1, rd=1, qd=q),
+        dns(resolver, task, 53, 5000, 1.1, id=1, qr=1, qd=q, an=answer),          # binds
+        dns(task, resolver, 5001, 53, 2.0, id=2, qr=1,                            # the task
+            qd=DNSQR(qname="pypi.org"), an=forged),                               # "answers"
+        dns(task, resolver, 5002, 53, 3.0, id=3, rd=1, qd=DNSQR(qname="a.example")),
+        dns(resolver, task, 53, 5002, 3.1, id=4, qr=1,                            # wrong id
+            qd=DNSQR(qname="pypi.org"), an=forged),
+    ]
+    cap = tmp_path / "dns.pcap"
+    wrpcap(str(cap), packets)
+    items, _ = replay(cap)
+    bound = [(b.name, b.address, b.resolver) for b in items if isinstance(b, NameBinding)]
+    assert bound == [("good.example", "203.0.113.1", resolver)]
