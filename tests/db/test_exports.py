@@ -15,3 +15,8 @@ def test_background_writer_does_not_load_sqlalchemy():
     code = ("import sys, db.background; "
             "assert 'sqlalchemy' not in sys.modules, 'sqlalchemy loaded'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_head_constant_is_alembics_head():
+    from db import migrate
+    assert migrate.head() == migrate.HEAD
