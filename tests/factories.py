@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+from hypothesis import strategies as st
+
 from egress.records import (FlowRecord, Finding, TaskEvent, DnsInfo, DnsQuery, TlsInfo,
                             SshInfo, HttpInfo, parse_time)
 
@@ -60,3 +62,21 @@ def make_finding(id: str = "direct-ip", **evidence) -> Finding:
 
 def make_event(event: str = "task-started", task: str = "t1", findings=(), time: int = T0):
     return TaskEvent(task=task, time=time, event=event, findings=list(findings))
+
+
+@st.composite
+def mutated(draw, base: bytes) -> bytes:
+    """``base`` truncated, with bytes flipped, inserted or deleted."""
+    data = bytearray(base)
+    for _ in range(draw(st.integers(0, 4))):
+        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        at = draw(st.integers(0, max(len(data) - 1, 0)))
+        if op == "flip" and data:
+            data[at] = draw(st.integers(0, 255))
+        elif op == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=8))
+        elif op == "delete":
+            del data[at:at + draw(st.integers(1, 8))]
+        else:
+            del data[at:]
+    return bytes(data)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tests.factories import mutated
+
 from egress.identify import http
 from egress.identify.common import NEED_MORE
 
@@ -134,22 +136,6 @@ def test_connect_response_unfinished_needs_more(partial):
 # Properties
 
 
-@st.composite
-def mutated(draw, base: bytes) -> bytes:
-    """``base`` truncated, with bytes flipped, inserted or deleted."""
-    data = bytearray(base)
-    for _ in range(draw(st.integers(0, 4))):
-        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
-        at = draw(st.integers(0, max(len(data) - 1, 0)))
-        if op == "flip" and data:
-            data[at] = draw(st.integers(0, 255))
-        elif op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete":
-            del data[at:at + draw(st.integers(1, 8))]
-        else:
-            del data[at:]
-    return bytes(data)
 
 
 def allowed(result) -> bool:

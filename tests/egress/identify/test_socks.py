@@ -7,6 +7,8 @@ import struct
 
 import pytest
 from hypothesis import given, settings, strategies as st
+
+from tests.factories import mutated
 from scapy.contrib.socks import SOCKS, SOCKS4Request, SOCKS5Request
 
 from egress.identify import http, socks, ssh
@@ -179,22 +181,6 @@ def test_looks_like_socks():
 # Properties
 
 
-@st.composite
-def mutated(draw, base: bytes) -> bytes:
-    """``base`` truncated, with bytes flipped, inserted or deleted."""
-    data = bytearray(base)
-    for _ in range(draw(st.integers(0, 4))):
-        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
-        at = draw(st.integers(0, max(len(data) - 1, 0)))
-        if op == "flip" and data:
-            data[at] = draw(st.integers(0, 255))
-        elif op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete":
-            del data[at:at + draw(st.integers(1, 8))]
-        else:
-            del data[at:]
-    return bytes(data)
 
 
 def check(client: bytes, server: bytes) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
+
+from tests.factories import mutated
 from scapy.all import IP, TCP, IPv6, Padding, rdpcap
 from scapy.layers.ssh import NameList, SSHKexInit
 
@@ -280,22 +282,6 @@ def test_garbage_session():
 # Properties: never raise, only the allowed kinds
 
 
-@st.composite
-def mutated(draw, base: bytes) -> bytes:
-    """``base`` truncated, with bytes flipped, inserted or deleted."""
-    data = bytearray(base)
-    for _ in range(draw(st.integers(0, 4))):
-        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
-        at = draw(st.integers(0, max(len(data) - 1, 0)))
-        if op == "flip" and data:
-            data[at] = draw(st.integers(0, 255))
-        elif op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete":
-            del data[at:at + draw(st.integers(1, 8))]
-        else:
-            del data[at:]
-    return bytes(data)
 
 
 def check_kinds(data: bytes, server_data: bytes = b"") -> None:

@@ -7,6 +7,8 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tests.factories import mutated
+
 from egress.identify import stratum
 from egress.identify.common import NEED_MORE
 
@@ -155,22 +157,6 @@ def test_looks_like_stratum():
 # Properties
 
 
-@st.composite
-def mutated(draw, base: bytes) -> bytes:
-    """``base`` truncated, with bytes flipped, inserted or deleted."""
-    data = bytearray(base)
-    for _ in range(draw(st.integers(0, 4))):
-        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
-        at = draw(st.integers(0, max(len(data) - 1, 0)))
-        if op == "flip" and data:
-            data[at] = draw(st.integers(0, 255))
-        elif op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete":
-            del data[at:at + draw(st.integers(1, 8))]
-        else:
-            del data[at:]
-    return bytes(data)
 
 
 def allowed(result) -> bool:
