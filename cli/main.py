@@ -13,7 +13,7 @@ from egress.records import Mode, Severity, Verdict
 from egress.replay import replay as run_replay
 from egress.capture.files import CaptureError
 from egress.sources import Inputs, SourceError
-from tagging import manifest, profiles as profiles_mod
+from tagging import attribution, manifest, profiles as profiles_mod
 
 VIOLATIONS = 10
 """Exit status when violations were found (DESIGN.md)."""
@@ -135,13 +135,20 @@ def profiles(name: str | None) -> None:
 @click.option("--purpose", "purpose_file", type=click.Path(dir_okay=False),
               help="The purpose manifest to judge by.")
 @click.option("--task", type=TASK_ID, help="The task that owns the flows (wins over the manifest's).")
+@click.option("--tasks", "tasks_file", type=click.Path(dir_okay=False),
+              help="Several tasks, each with its addresses and/or time window and purpose "
+                   "(TOML, see the README); instead of --purpose and --task.")
+@click.option("--local", "local", multiple=True, metavar="CIDR",
+              help="The task host's addresses (repeatable): flows other hosts open to it "
+                   "are inbound, and flows between other hosts are no task's.")
 @click.option("--mode", type=click.Choice(["audit", "enforce"]),
               help="Judge as audit or enforce (may tighten the manifest's, never loosen).")
 @DB_OPTION
 @click.option("--no-store", is_flag=True, help="Judge and print only; write nothing.")
 @JSON_OPTION
 @click.pass_context
-def replay(ctx, inputs, purpose_file, task, mode, db_url, no_store, as_json) -> None:
+def replay(ctx, inputs, purpose_file, task, tasks_file, local, mode, db_url, no_store,
+           as_json) -> None:
     """Judge recorded flows under a purpose, as the live agent would have.
 
     INPUTS are captures (pcap or pcapng, gzip read transparently), read as
@@ -156,21 +163,30 @@ def replay(ctx, inputs, purpose_file, task, mode, db_url, no_store, as_json) -> 
           --purpose examples/incident/purpose.toml --db ./incident.db
       egress replay examples/incident/flows.jsonl --purpose examples/incident/purpose.toml
     """
+    if tasks_file and (purpose_file or task):
+        raise click.UsageError("--tasks names the tasks and their purposes: "
+                               "give it, or --purpose and --task, not both")
     p = _load_purpose(purpose_file) if purpose_file else None
     cfg: config_mod.Config = ctx.obj
     owner = task or (p.task if p else None)
     if p is not None and owner is None:
         raise Failure("which task is this? give --task, or task = ... in the manifest")
+    try:
+        specs = attribution.load_tasks(tasks_file) if tasks_file else []
+        who = attribution.Attribution(task=owner, tasks=specs,
+                                      local=attribution.parse_networks(local))
+    except (attribution.TasksError, manifest.ManifestError) as e:
+        raise _fail(e)
     from db.background import BackgroundRecorder, WriterError
     on_record = (lambda r: click.echo(render.json_line(r))) if as_json else None
     recorder = None
     try:
-        inputs_ = Inputs(list(inputs), owner)
+        inputs_ = Inputs(list(inputs), who)
         if not no_store:  # written by a process of its own, on the other core
             recorder = BackgroundRecorder(db_url, cfg.database, kind="replay",
                                           sources=list(inputs))
         with render.progress(enabled=not as_json) as advance:
-            result = run_replay(advance(inputs_.items), p, task=task,
+            result = run_replay(advance(inputs_.items), p, purposes=who.purposes(), task=task,
                                 mode=Mode(mode) if mode else None,
                                 min_ttl_s=cfg.resolver.min_ttl, recorder=recorder,
                                 on_record=on_record, skipped=inputs_.skipped)

@@ -252,6 +252,10 @@ class FlowTable:
             swap = True                       # a SYN-ACK first: the other side initiated
         elif proto in (1, 58) and seq >= 0 and sport in (0, 129):
             swap = True                       # an echo reply first: the other side pinged
+        elif (proto == UDP or (proto == TCP and not flags & SYN)) and sport < 1024 <= dport:
+            # Picked up mid-way (no SYN; or a UDP reply seen first): a well-known port
+            # sending to an ephemeral one is the server's side (Zeek's likely_server_ports).
+            swap = True
         if swap:
             key, rkey = rkey, key
             src, dst, sport, dport = dst, src, dport, sport

@@ -130,6 +130,12 @@ class Judge:
         if flow.mode is Mode.ENFORCE and flow.verdict is Verdict.BLOCK:
             return flow  # cut by the kernel: nothing later happens to it
         flow.mode = mode
+        if flow.direction == "inbound":
+            # Another host reached the task's host: recorded, but not egress to judge.
+            flow.findings, flow.rule = [], None
+            if flow.verdict is None:
+                flow.verdict, flow.decided_at = Verdict.ALLOW, step
+            return flow
         names = tuple(self.bindings.lookup(flow.task, flow.dst, flow.start)) \
             if flow.task is not None else ()
 

@@ -63,6 +63,7 @@ def _reset(flow: FlowRecord, task: str | None) -> FlowRecord:
 
 
 def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *,
+           purposes: dict[str, Purpose] | None = None,
            task: str | None = None, mode: Mode | None = None,
            min_ttl_s: int | None = None, recorder: Recorder | None = None,
            on_record: Callable[[FlowRecord | TaskEvent], None] | None = None,
@@ -72,9 +73,11 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
     A source gives DNS bindings when the answer was seen and flows when they
     end (a capture), or both in start order (a flow log). ``task`` (or the
     purpose's own) owns every tagged flow and binding; without either, each
-    keeps the task it was recorded with. Untagged flows stay untagged and
-    are flagged.
+    keeps the task it was recorded with. ``purposes`` gives tasks their own
+    purpose (a tasks file); ``purpose`` is for every other task. Untagged
+    flows stay untagged and are flagged.
     """
+    purposes = purposes or {}
     owner = task or (purpose.task if purpose else None)
     run_mode = purpose.effective_mode(mode) if purpose else Mode(mode or Mode.AUDIT)
     judge = Judge([], mode=run_mode,
@@ -114,12 +117,14 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
         pending_names.clear()
 
     def begin(t: str, at: int) -> None:
-        if purpose is None:
+        p = purposes.get(t, purpose)
+        if p is None:
             raise ValueError(f"flows of task {t!r} need a purpose to be judged by (--purpose)")
-        judge.policies[t] = TaskPolicy(t, purpose, run_mode)
+        task_mode = p.effective_mode(mode)
+        judge.policies[t] = TaskPolicy(t, p, task_mode)
         spans[t] = [at, at]
         if recorder is not None:
-            recorder.task(t, purpose, run_mode, at)
+            recorder.task(t, p, task_mode, at)
         emit(TaskEvent(task=t, time=at, event="task-started"))
 
     unbound: Counter = Counter()

@@ -12,7 +12,8 @@ from egress.sources.flowlog import SourceError, flowlog_items
 class Inputs:
     """What a replay reads: its items in order, and what it could not use."""
 
-    def __init__(self, paths: list[str], task: str | None):
+    def __init__(self, paths: list[str], attribution):
+        """``attribution``: who owns a captured flow (``tagging.attribution.Attribution``)."""
         from egress.sources.capture import CaptureSource, sniff
         kinds = {sniff(p) for p in paths}
         if len(kinds) > 1:
@@ -20,8 +21,7 @@ class Inputs:
         self.skipped: Counter = Counter()
         self.capture = None
         if kinds == {"capture"}:
-            # Until attribution by address or time exists, one task owns every flow.
-            self.capture = CaptureSource(paths, owner=lambda flow, src, dst: task)
+            self.capture = CaptureSource(paths, attribution)
             self.items: Iterable[FlowRecord | NameBinding] = self.capture
         else:
             self.items = flowlog_items(paths, self.skipped)

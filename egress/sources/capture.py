@@ -11,7 +11,7 @@ import ipaddress
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator, Protocol
 
 from egress.capture.decode import Decoder
 from egress.capture.files import CaptureError, open_capture
@@ -24,8 +24,11 @@ from egress.records import DnsQuery, FlowRecord, NameBinding, stable_flow_id
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6", 132: "sctp", 47: "gre",
                50: "esp", 51: "ah", 46: "rsvp", 41: "ipv6", 4: "ipip"}
 
-Owner = Callable[[Flow, str, str], "str | None"]
-"""Which task owns a flow, given it and its initiator and responder addresses as text."""
+class Attribution(Protocol):
+    """Which task owns a flow and which way it goes (``tagging.attribution.Attribution``)."""
+
+    def owner(self, initiator: str, responder: str, start: int) -> str | None: ...
+    def direction(self, initiator: str, responder: str) -> str: ...
 
 
 def sniff(path: str | Path) -> str:
@@ -75,9 +78,10 @@ class CaptureStats:
 
 
 class CaptureSource:
-    def __init__(self, paths: list[str], owner: Owner, *, max_flows: int = 200_000):
+    def __init__(self, paths: list[str], attribution: Attribution, *,
+                 max_flows: int = 200_000):
         self.paths = [str(p) for p in paths]
-        self.owner = owner
+        self.attribution = attribution
         self.stats = CaptureStats()
         self._out: list[FlowRecord | NameBinding] = []
         self._text: dict[bytes, str] = {}
@@ -130,14 +134,14 @@ class CaptureSource:
         if flow.flow_id is None:
             # The owner is part of it: the same capture replayed for another task gives
             # that task its own flows instead of taking over the first task's.
-            task = self.owner(flow, self._addr(flow.src), self._addr(flow.dst))
+            task = self.attribution.owner(self._addr(flow.src), self._addr(flow.dst), flow.start)
             flow.flow_id = stable_flow_id(task, flow.proto, flow.src.hex(), flow.sport,
                                           flow.dst.hex(), flow.dport, flow.start)
         return flow.flow_id
 
     def _answer(self, flow: Flow, query: DnsQuery, ts: int) -> None:
         self._flow_id(flow)
-        task = self.owner(flow, self._addr(flow.src), self._addr(flow.dst))
+        task = self.attribution.owner(self._addr(flow.src), self._addr(flow.dst), flow.start)
         self._out.extend(query_bindings(query, task, ts, flow.flow_id, self._addr(flow.dst),
                                         flow.dport))
 
@@ -158,7 +162,8 @@ class CaptureSource:
             self.stats.table["flows without a community id"] += 1
         record = FlowRecord(
             flow_id=self._flow_id(flow),
-            task=self.owner(flow, src, dst),
+            task=self.attribution.owner(src, dst, flow.start),
+            direction=self.attribution.direction(src, dst),
             community_id=cid,
             proto=PROTO_NAMES.get(flow.proto, str(flow.proto)),
             ip_version=flow.ipver,

@@ -283,3 +283,50 @@ def test_the_same_capture_for_two_tasks_keeps_both(store_url):
     for task in ("task-a", "task-b"):
         listed = run("audit", "--db", store_url, "--task", task, "--json", "--no-events")
         assert len(listed.output.splitlines()) == 15, task
+
+
+def test_tasks_file_splits_a_capture_by_time(tmp_path, store_url):
+    (tmp_path / "later.toml").write_text('version = 1\npurpose = "nothing declared"\n')
+    (tmp_path / "upgrade.toml").write_text(Path(PURPOSE).read_text())
+    tasks = tmp_path / "tasks.toml"
+    tasks.write_text('[[task]]\nid = "upgrade"\npurpose = "upgrade.toml"\n'
+                     'end = "2026-03-11T02:04:00Z"\n'
+                     '[[task]]\nid = "later"\npurpose = "later.toml"\n'
+                     'start = "2026-03-11T02:04:00Z"\n')
+    result = run("replay", CAPTURE, "--tasks", tasks, "--local", "10.213.0.0/24",
+                 "--db", store_url)
+    assert result.exit_code == 10, result.output
+
+    def listed(task):
+        out = run("audit", "--db", store_url, "--task", task, "--json", "--no-events").output
+        return [json.loads(line) for line in out.splitlines()]
+    early, late = listed("upgrade"), listed("later")
+    assert len(early) == 8 and all(f["verdict"] == "allow" for f in early)
+    assert len(late) == 7 and all(f["verdict"] == "flag" for f in late)
+    assert run("replay", CAPTURE, "--tasks", tasks, "--purpose", PURPOSE,
+               "--no-store").exit_code == 2
+
+
+def test_inbound_flows_are_recorded_not_judged(tmp_path):
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import wrpcap
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    them, host = "203.0.113.9", "10.213.0.2"
+    packets = [eth / IP(src=them, dst=host) / TCP(sport=50000, dport=22, flags="S", seq=1),
+               eth / IP(src=host, dst=them) / TCP(sport=22, dport=50000, flags="SA", seq=9,
+                                                  ack=2),
+               eth / IP(src=host, dst=them) / TCP(sport=22, dport=50000, flags="PA", seq=10,
+                                                  ack=2) / b"SSH-2.0-OpenSSH_9.2p1\r\n"]
+    for i, p in enumerate(packets):
+        p.time = 1_773_194_400 + i
+    cap = tmp_path / "inbound.pcap"
+    wrpcap(str(cap), packets)
+    local = run("replay", cap, "--purpose", PURPOSE, "--local", "10.213.0.0/24", "--no-store",
+                "--json")
+    flow = next(json.loads(l) for l in local.output.splitlines() if '"kind":"flow"' in l)
+    assert flow["direction"] == "inbound" and flow["verdict"] == "allow"
+    assert flow["findings"] == [] and flow["src"] == them
+    assert local.exit_code == 0
+    blind = run("replay", cap, "--purpose", PURPOSE, "--no-store", "--json")
+    assert blind.exit_code == 10      # without --local, nothing says it came in

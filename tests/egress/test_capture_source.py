@@ -5,6 +5,7 @@ from pathlib import Path
 from egress.flowtable import FlowTable
 from egress.records import FlowRecord
 from egress.sources.capture import CaptureSource
+from tagging.attribution import Attribution
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -12,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def replay(path, monkeypatch=None, fast=True):
     if not fast:
         monkeypatch.setattr(FlowTable, "fast_ipv4", lambda self, *a: False)
-    src = CaptureSource([str(path)], owner=lambda f, s, d: "t1")
+    src = CaptureSource([str(path)], Attribution(task="t1"))
     items = list(src)
     return items, src.stats
 

@@ -11,12 +11,13 @@ import json
 import pytest
 
 from egress.sources.capture import CaptureSource
+from tagging.attribution import Attribution
 from tests.corpora import corpus
 
 
 def records(path) -> list:
     from egress.records import FlowRecord
-    return [r for r in CaptureSource([str(path)], owner=lambda f, s, d: None)
+    return [r for r in CaptureSource([str(path)], Attribution())
             if isinstance(r, FlowRecord)]
 
 
