@@ -130,8 +130,9 @@ class Judge:
         if flow.mode is Mode.ENFORCE and flow.verdict is Verdict.BLOCK:
             return flow  # cut by the kernel: nothing later happens to it
         flow.mode = mode
-        if flow.direction == "inbound":
-            # Another host reached the task's host: recorded, but not egress to judge.
+        if flow.direction == "inbound" or _link_scoped(flow.dst):
+            # Another host reached the task's host, or the packets cannot leave the link
+            # (neighbour discovery, MLD, link-local multicast): recorded, not egress to judge.
             flow.findings, flow.rule = [], None
             if flow.verdict is None:
                 flow.verdict, flow.decided_at = Verdict.ALLOW, step
@@ -311,6 +312,16 @@ class Judge:
                     findings=[Finding.make("budget-exceeded", limit=limit, allowed=allowed,
                                            total=total)]))
         return found
+
+
+LINK_SCOPED = tuple(ipaddress.ip_network(n) for n in (
+    "fe80::/10", "ff02::/16", "224.0.0.0/24", "255.255.255.255/32"))
+"""Destinations no router forwards. Not 169.254.0.0/16: the metadata services live there."""
+
+
+def _link_scoped(address: str) -> bool:
+    ip = _address(address)
+    return ip is not None and any(ip in net for net in LINK_SCOPED if net.version == ip.version)
 
 
 @functools.lru_cache(maxsize=65536)

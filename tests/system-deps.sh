@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # System packages the tests use: PostgreSQL (the store tests run against a
-# throwaway cluster of their own), make and python3-venv. Installed with apt
+# throwaway cluster of their own), the lab's servers and clients, make and
+# python3-venv. Installed with apt
 # when missing and we are root; otherwise we say what is missing.
 set -euo pipefail
 
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v make >/dev/null || need+=(make)
+# The lab (tests/lab/lab.py, TOOLS): real servers and clients in namespaces.
+for pair in ip:iproute2 tcpdump:tcpdump sshd:openssh-server ssh:openssh-client \
+            nginx:nginx-light dnsmasq:dnsmasq-base curl:curl openssl:openssl autossh:autossh; do
+    tool=${pair%%:*} pkg=${pair#*:}
+    command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || need+=("$pkg")
+done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 
 [ ${#need[@]} -eq 0 ] && exit 0

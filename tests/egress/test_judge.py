@@ -479,3 +479,15 @@ def test_an_answer_on_another_port_binds_nothing():
     j = judge_for(ALLOW_EXAMPLE)
     assert j.learn_names(make_dns_flow("example.org", ["203.0.113.10"], dport=9999)) == []
     assert len(j.learn_names(make_dns_flow("example.org", ["203.0.113.10"]))) == 1
+
+
+@pytest.mark.parametrize("dst, judged", [
+    ("ff02::16", False), ("fe80::1", False), ("224.0.0.251", False),
+    ("169.254.169.254", True),        # link-local, but the metadata service: judged
+    ("ff05::1:3", True),              # site-scoped multicast can be routed
+])
+def test_link_scoped_traffic_is_not_egress(dst, judged):
+    j = judge_for("", Mode.ENFORCE)
+    flow = j.judge_flow(make_flow(proto="icmp6" if ":" in dst else "udp", dst=dst,
+                                  ip_version=6 if ":" in dst else 4, app=None))
+    assert (flow.verdict is Verdict.BLOCK) is judged

@@ -1,0 +1,259 @@
+"""The lab: a closed network of namespaces with real servers and real clients.
+
+Two network namespaces this run creates and names uniquely: the task host
+and a fake internet, joined by one veth pair made inside them (never in the
+root namespace, which gets no link, no route, no forwarding). The fake
+internet's servers listen on documentation addresses that live on its own
+loopback; the task host reaches them through its default route to the
+veth, inside its own namespace. A recorder (tcpdump) captures what crosses
+the task host's interface.
+
+Every process is started here and stopped here, by its PID; the namespaces,
+the /etc/netns resolv.conf and anything else made are removed on exit, also
+when a test fails.
+
+    with Lab(tmp_path) as lab:
+        lab.start_dns({"pypi.lab": "203.0.113.10"})
+        lab.start_https("pypi.lab", "203.0.113.10")
+        with lab.recording() as capture:
+            lab.host("curl", "-s", "--cacert", lab.ca, "https://pypi.lab/")
+        # capture: a pcap of it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+LINK_HOST, LINK_NET = "10.99.0.2", "10.99.0.1"
+"""The veth's two ends: the task host, and the fake internet (its router and resolver)."""
+
+TOOLS = {"ip": "iproute2", "tcpdump": "tcpdump", "sshd": "openssh-server",
+         "ssh": "openssh-client", "nginx": "nginx-light", "dnsmasq": "dnsmasq-base",
+         "curl": "curl", "openssl": "openssl", "autossh": "autossh"}
+"""Commands the lab uses, with the Debian package that brings each (tests/system-deps.sh)."""
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def missing_tools() -> list[str]:
+    return [pkg for tool, pkg in TOOLS.items()
+            if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()]
+
+
+class Lab:
+    def __init__(self, workdir: Path):
+        self.dir = Path(workdir)
+        self.id = f"{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
+        self.host_ns, self.net_ns = f"eg{self.id}h", f"eg{self.id}n"
+        self.host_if, self.net_if = f"eg{self.id}a", f"eg{self.id}b"
+        self.procs: list[subprocess.Popen] = []
+        self._made: list = []               # cleanup steps, run in reverse
+        self.ca: Path | None = None
+
+    # ---------------------------------------------------------------- set-up
+
+    def __enter__(self) -> "Lab":
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _sh(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        result = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, **kw)
+        if check and result.returncode != 0:
+            raise LabError(f"{' '.join(map(str, cmd))}: {result.stderr.strip()}")
+        return result
+
+    def _build(self) -> None:
+        for ns in (self.host_ns, self.net_ns):
+            self._sh("ip", "netns", "add", ns)
+            self._made.append(("netns", ns))
+        # The veth is made inside the host namespace with its peer in the net one.
+        self._sh("ip", "-n", self.host_ns, "link", "add", self.host_if, "type", "veth",
+                 "peer", "name", self.net_if, "netns", self.net_ns)
+        for ns, dev, addr in ((self.host_ns, self.host_if, LINK_HOST),
+                              (self.net_ns, self.net_if, LINK_NET)):
+            self._sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            self._sh("ip", "-n", ns, "link", "set", dev, "up")
+            self._sh("ip", "-n", ns, "link", "set", "lo", "up")
+        self._sh("ip", "-n", self.host_ns, "route", "add", "default", "via", LINK_NET)
+        if not Path("/etc/netns").exists():
+            Path("/etc/netns").mkdir()
+            self._made.append(("empty-dir", Path("/etc/netns")))
+        netns_etc = Path("/etc/netns") / self.host_ns
+        netns_etc.mkdir(exist_ok=False)
+        self._made.append(("dir", netns_etc))
+        # ip netns exec bind-mounts this over /etc/resolv.conf for the host's commands.
+        (netns_etc / "resolv.conf").write_text(f"nameserver {LINK_NET}\n")
+
+    def add_server_address(self, address: str) -> None:
+        """An address of the fake internet (on its loopback, so only the lab reaches it)."""
+        self._sh("ip", "-n", self.net_ns, "addr", "add", f"{address}/32", "dev", "lo")
+
+    # ---------------------------------------------------------------- running
+
+    def _exec(self, ns: str, cmd) -> list[str]:
+        return ["ip", "netns", "exec", ns, *map(str, cmd)]
+
+    def host(self, *cmd, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a command on the task host and wait for it."""
+        return self._sh(*self._exec(self.host_ns, cmd), check=check, timeout=timeout)
+
+    def spawn(self, where: str, *cmd, log: str | None = None) -> subprocess.Popen:
+        """Start a long-running command on the task host ("host") or the internet ("net")."""
+        ns = self.host_ns if where == "host" else self.net_ns
+        out = open(self.dir / (log or f"{Path(str(cmd[0])).name}-{len(self.procs)}.log"), "wb")
+        proc = subprocess.Popen(self._exec(ns, cmd), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        out.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+        """Stop a process this lab started (its whole session: ip netns exec and the tool)."""
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+    def wait_port(self, address: str, port: int, timeout: float = 10) -> None:
+        """Wait until something listens on address:port in the fake internet."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self._sh(*self._exec(self.net_ns, ["ss", "-Hltnu"]), check=False).stdout
+            if f"{address}:{port} " in out or f"{address}:{port}\t" in out:
+                return
+            time.sleep(0.05)
+        raise LabError(f"nothing listens on {address}:{port} in the lab after {timeout}s")
+
+    # ---------------------------------------------------------------- servers
+
+    def start_dns(self, names: dict[str, str]) -> None:
+        """dnsmasq on the internet side, authoritative for the lab's names, forwarding none."""
+        args = ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                "--conf-file=/dev/null", f"--listen-address={LINK_NET}", "--bind-interfaces",
+                f"--pid-file={self.dir / 'dnsmasq.pid'}", "--log-facility=-", "--log-queries",
+                "--user=nobody", "--group=nogroup"]
+        args += [f"--host-record={name},{address}" for name, address in names.items()]
+        self.spawn("net", *args, log="dnsmasq.log")
+        self.wait_port(LINK_NET, 53)
+
+    def _ca(self, name: str) -> tuple[Path, Path]:
+        key, cert = self.dir / f"{name}.key", self.dir / f"{name}.crt"
+        self._sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                 "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+                 "-addext", f"subjectAltName=DNS:{name}", "-keyout", key, "-out", cert)
+        return key, cert
+
+    def start_https(self, name: str, address: str, body: str = "lab index\n") -> Path:
+        """nginx serving ``name`` over TLS on address:443; returns the certificate (the CA)."""
+        self.add_server_address(address)
+        key, cert = self._ca(name)
+        conf = self.dir / f"nginx-{name}.conf"
+        conf.write_text(f"""
+daemon off;
+pid {self.dir}/nginx-{name}.pid;
+error_log {self.dir}/nginx-{name}-error.log;
+events {{}}
+http {{
+  access_log off;
+  client_body_temp_path {self.dir}/nginx-body;
+  proxy_temp_path {self.dir}/nginx-proxy;
+  fastcgi_temp_path {self.dir}/nginx-fastcgi;
+  uwsgi_temp_path {self.dir}/nginx-uwsgi;
+  scgi_temp_path {self.dir}/nginx-scgi;
+  server {{
+    listen {address}:443 ssl;
+    server_name {name};
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    location / {{ return 200 "{body.strip()}\\n"; }}
+  }}
+}}
+""")
+        self.spawn("net", "nginx", "-c", conf, "-p", self.dir, log=f"nginx-{name}.log")
+        self.wait_port(address, 443)
+        self.ca = cert
+        return cert
+
+    def start_sshd(self, address: str, port: int = 22) -> Path:
+        """OpenSSH's sshd on address:port, root allowed by a key; returns the client's key."""
+        self.add_server_address(address)
+        hostkey, userkey = self.dir / f"sshd-{port}-hostkey", self.dir / "client-key"
+        for key in (hostkey, userkey):
+            if not key.exists():
+                self._sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
+        (self.dir / "authorized_keys").write_text((self.dir / "client-key.pub").read_text())
+        conf = self.dir / f"sshd-{port}.conf"
+        conf.write_text(f"""ListenAddress {address}:{port}
+HostKey {hostkey}
+PidFile {self.dir}/sshd-{port}.pid
+AuthorizedKeysFile {self.dir}/authorized_keys
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+AllowTcpForwarding yes
+ClientAliveInterval 5
+""")
+        privsep = Path("/run/sshd")             # sshd refuses to start without it
+        if not privsep.exists():
+            privsep.mkdir(mode=0o755)
+            self._made.append(("dir", privsep))
+        self.spawn("net", "/usr/sbin/sshd", "-D", "-e", "-f", conf, log=f"sshd-{port}.log")
+        self.wait_port(address, port)
+        return userkey
+
+    # -------------------------------------------------------------- recording
+
+    @contextlib.contextmanager
+    def recording(self, name: str = "lab.pcap"):
+        """Capture what crosses the task host's interface while the block runs."""
+        path = self.dir / name
+        proc = self.spawn("host", "tcpdump", "-i", self.host_if, "-U", "-s", "0", "-Z", "root",
+                          "-w", path, log="tcpdump.log")
+        deadline = time.monotonic() + 10
+        while "listening on" not in (self.dir / "tcpdump.log").read_text(errors="replace"):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise LabError("tcpdump did not start: "
+                               + (self.dir / "tcpdump.log").read_text(errors="replace"))
+            time.sleep(0.05)
+        try:
+            yield path
+        finally:
+            time.sleep(0.3)                     # let the last packets reach the file
+            self.stop(proc, signal.SIGINT)
+
+    # ---------------------------------------------------------------- teardown
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop(proc)
+        self.procs.clear()
+        for kind, what in reversed(self._made):
+            if kind == "netns":
+                self._sh("ip", "netns", "del", what, check=False)
+            elif kind == "dir":
+                shutil.rmtree(what, ignore_errors=True)
+            elif kind == "empty-dir":
+                with contextlib.suppress(OSError):
+                    what.rmdir()             # only if no other lab still uses it
+        self._made.clear()
