@@ -19,7 +19,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from egress.detectors import Context, Detector, default_detectors
+from egress.detectors import (Context, Detector, TaskDetector, default_detectors,
+                              default_task_detectors)
 from egress.names import DnsBindings, NameBinding, bindings_from
 from egress.records import (Finding, FlowRecord, Mode, Severity, Step, TaskEvent,
                             verdict_for, Verdict)
@@ -76,12 +77,15 @@ class Judge:
 
     def __init__(self, policies: Iterable[TaskPolicy] = (), *, mode: Mode = Mode.AUDIT,
                  bindings: DnsBindings | None = None,
-                 detectors: Sequence[Detector] | None = None):
+                 detectors: Sequence[Detector] | None = None,
+                 task_detectors: Sequence[TaskDetector] | None = None):
         self.policies = {p.task: p for p in policies}
         self.mode = mode
         """The mode for flows no task owns."""
         self.bindings = bindings if bindings is not None else DnsBindings()
         self.detectors = list(default_detectors() if detectors is None else detectors)
+        self.task_detectors = list(default_task_detectors() if task_detectors is None
+                                   else task_detectors)
         self._totals: dict[str, _Totals] = {}
         self._events: list[TaskEvent] = []
         self._by_port: dict[tuple, list[AllowRule]] = {}
@@ -121,7 +125,25 @@ class Judge:
         for step in steps_for(flow):
             if _step_matters(step, self.detectors, policy):
                 self.decide(flow, step)
+        if policy is not None and flow.event == "final":
+            self._observe_task(flow, policy)
         return flow
+
+    def _observe_task(self, flow: FlowRecord, policy: TaskPolicy) -> None:
+        """Hand the ended flow to the task-level detectors; their events join the stream."""
+        ctx = Context(step=Step.END, purpose=policy.purpose, names=())
+        waive = policy.purpose.waive
+        for detector in self.task_detectors:
+            try:
+                events = list(detector.observe(flow, ctx))
+            except Exception as e:
+                events = [TaskEvent(task=flow.task, time=flow.end or flow.start,
+                                    event=detector.name,
+                                    findings=[_internal(Step.END, detector.name, e)])]
+            for event in events:
+                for f in event.findings:
+                    f.waived = f.id in waive
+                self._events.append(event)
 
     def decide(self, flow: FlowRecord, step: Step) -> FlowRecord:
         """Judge ``flow`` at ``step``; updates verdict, findings, rule, names in place."""

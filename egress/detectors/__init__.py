@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 from egress.names import NameBinding
-from egress.records import Finding, FlowRecord, Step
+from egress.records import Finding, FlowRecord, Step, TaskEvent
 from tagging.manifest import Purpose
 from tagging.rules import AllowRule
 
@@ -54,6 +54,26 @@ class Detector(Protocol):
     """The observation window it needs."""
 
     def inspect(self, flow: FlowRecord, ctx: Context) -> Iterable[Finding]: ...
+
+
+class TaskDetector(Protocol):
+    """A detector of a task's behaviour over many flows (dns-tunnel: names over time).
+
+    It sees each of the task's flows once, when the flow ends, keeps what it
+    needs per task itself, and returns task events (with their findings).
+    """
+
+    name: str
+    """The detector's name, used in internal-error evidence."""
+    window: Window
+    """The observation window it needs of each flow."""
+
+    def observe(self, flow: FlowRecord, ctx: Context) -> Iterable[TaskEvent]: ...
+
+
+def default_task_detectors() -> list[TaskDetector]:
+    """Every task-level detector that ships."""
+    return []
 
 
 def default_detectors() -> list[Detector]:
