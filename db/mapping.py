@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from sqlalchemy import BigInteger, Integer, String
 
 from db import models
-from egress.records import (SCHEMA, FlowRecord, Mode, NameBinding, RecordError, TaskEvent,
+from egress.records import (SCHEMA, FlowRecord, contract_fields, Mode, NameBinding, RecordError, TaskEvent,
                             format_time)
 from tagging.manifest import ManifestError, Purpose
 
@@ -25,7 +25,7 @@ SUBRECORDS = ("nat", "tls", "http", "ssh", "stratum", "dns", "quic", "process", 
 NULL_MEANS = {"weird": []}
 """What a null JSON column means for fields that are never None (rows older than the column)."""
 TIMES = ("start", "end")
-SCALARS = tuple(f.name for f in dataclasses.fields(FlowRecord)
+SCALARS = tuple(f.name for f in contract_fields(FlowRecord)
                 if f.name not in SUBRECORDS and f.name != "findings")
 """FlowRecord fields stored as columns of their own (same names)."""
 

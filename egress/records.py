@@ -525,6 +525,20 @@ class ProcessInfo:
     """Command line, with secrets redacted."""
 
 
+@dataclass
+class Observation:
+    """What was seen of a flow besides its record, for detectors; never stored or printed.
+
+    The observation window: what the live recorder provides and what replay
+    hands over (payloads and packet sizes are not part of the flow record).
+    """
+
+    echo: list[tuple[str, bytes]] | None = None
+    """ICMP echo payloads in order, as ("out" from the initiator or "in", bytes)."""
+    watch: list[tuple[int, bool, int]] | None = None
+    """(time, from the initiator, payload bytes) of the packets with payload, up to a cap."""
+
+
 def _time():
     return field(metadata={"time": True})
 
@@ -611,6 +625,9 @@ class FlowRecord:
     """Findings on this flow, in the order raised."""
     process: ProcessInfo | None = None
     """The owning process; None where unknown."""
+    observation: Observation | None = field(default=None, compare=False, repr=False,
+                                            metadata={"transient": True})
+    """What detectors may look at beyond the record (not part of the JSON or the store)."""
 
     def to_json(self) -> dict:
         out = {"schema": SCHEMA, "kind": "flow"}
@@ -843,9 +860,9 @@ class _Plan:
     def __init__(self, cls: type):
         hints = typing.get_type_hints(cls)
         self.cls = cls
-        self.names = frozenset(f.name for f in dataclasses.fields(cls))
+        self.names = frozenset(f.name for f in contract_fields(cls))
         self.fields = []          # (name, encoder or None, decoder, required)
-        for f in dataclasses.fields(cls):
+        for f in contract_fields(cls):
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             if f.metadata.get("time"):
                 optional = typing.get_origin(hints[f.name]) in (typing.Union, types.UnionType)
@@ -874,6 +891,11 @@ class _Plan:
             elif required:
                 raise RecordError(f"{where}.{name}: missing")
         return self.cls(**kwargs)
+
+
+def contract_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a record class that are part of its JSON (not the transient ones)."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("transient")]
 
 
 _PLANS: dict[type, _Plan] = {}

@@ -149,6 +149,7 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
             span[0] = min(span[0], flow.start)
             span[1] = max(span[1], flow.end or flow.start)
         judge.judge_flow(flow)
+        flow.observation = None     # judged: what was seen stays out of the store and output
         emit(flow)
         for event in judge.events():
             emit(event)

@@ -10,7 +10,8 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v make >/dev/null || need+=(make)
 # The lab (tests/lab/lab.py, TOOLS): real servers and clients in namespaces.
 for pair in ip:iproute2 tcpdump:tcpdump sshd:openssh-server ssh:openssh-client \
-            nginx:nginx-light dnsmasq:dnsmasq-base curl:curl openssl:openssl autossh:autossh; do
+            nginx:nginx-light dnsmasq:dnsmasq-base curl:curl openssl:openssl autossh:autossh \
+            ping:iputils-ping ptunnel-ng:ptunnel-ng; do
     tool=${pair%%:*} pkg=${pair#*:}
     command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || need+=("$pkg")
 done

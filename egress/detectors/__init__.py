@@ -78,6 +78,6 @@ def default_task_detectors() -> list[TaskDetector]:
 
 def default_detectors() -> list[Detector]:
     """Every detector that ships, in the order they run."""
-    from egress.detectors import metadata, stratum, ech, encrypted_dns
+    from egress.detectors import metadata, stratum, ech, encrypted_dns, icmp_tunnel
     return [metadata.MetadataEndpoint(), stratum.MiningStratum(),
-            ech.EncryptedClientHello(), encrypted_dns.EncryptedDns()]
+            ech.EncryptedClientHello(), encrypted_dns.EncryptedDns(), icmp_tunnel.IcmpTunnel()]

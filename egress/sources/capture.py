@@ -19,7 +19,7 @@ from egress.community_id import community_id_packed
 from egress.flowtable import Flow, FlowTable, conn_state
 from egress.identify import Identifier
 from egress.names import query_bindings
-from egress.records import DnsQuery, FlowRecord, NameBinding, stable_flow_id
+from egress.records import DnsQuery, FlowRecord, NameBinding, Observation, stable_flow_id
 
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6", 132: "sctp", 47: "gre",
                50: "esp", 51: "ah", 46: "rsvp", 41: "ipv6", 4: "ipip"}
@@ -75,6 +75,13 @@ class CaptureStats:
     """Files cut off mid-record, with where."""
     table: Counter = field(default_factory=Counter)
     """Flow table counters (flows, finished idle, finished early at the bound)."""
+
+
+def _observation(flow: Flow) -> Observation | None:
+    if flow.icmp is not None and flow.icmp[2]:
+        return Observation(echo=[("out" if orig else "in", data)
+                                 for orig, data in flow.icmp[2]])
+    return None
 
 
 class CaptureSource:
@@ -175,5 +182,6 @@ class CaptureSource:
             bytes_out=flow.bytes_o, bytes_in=flow.bytes_r,
             packets_out=flow.pkts_o, packets_in=flow.pkts_r,
             weird=sorted(flow.weird),
+            observation=_observation(flow),
             **self._identifier.fields(flow))
         self._out.append(record)

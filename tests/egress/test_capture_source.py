@@ -65,3 +65,46 @@ def test_only_the_responders_answer_to_a_query_binds(tmp_path):
     items, _ = replay(cap)
     bound = [(b.name, b.address, b.resolver) for b in items if isinstance(b, NameBinding)]
     assert bound == [("good.example", "203.0.113.1", resolver)]
+
+
+def _echo_capture(tmp_path, payloads, name="icmp.pcap"):
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import wrpcap
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    packets = []
+    for i, data in enumerate(payloads):
+        for kind, src, dst in ((8, "10.0.0.2", "203.0.113.5"), (0, "203.0.113.5", "10.0.0.2")):
+            p = eth / IP(src=src, dst=dst) / ICMP(type=kind, id=77, seq=i) / data
+            p.time = 1_773_194_400 + i + (0.01 if kind == 0 else 0)
+            packets.append(p)
+    path = tmp_path / name
+    wrpcap(str(path), packets)
+    return path
+
+
+def _judged(path):
+    from egress.replay import replay
+    from tagging import manifest
+    purpose = manifest.parse('version = 1\npurpose = "ping"\ntask = "t1"\n'
+                             'waive = ["direct-ip"]\n[[allow]]\ncidr = "203.0.113.0/24"\ntransport = "icmp"\n', "p.toml")
+    out = []
+    replay(CaptureSource([str(path)], Attribution(task="t1")), purpose, on_record=out.append)
+    return [r for r in out if isinstance(r, FlowRecord)]
+
+
+def test_ping_shaped_echo_is_clean_and_a_tunnel_is_found(tmp_path):
+    import random
+    import struct
+    # iputils ping: a 16-byte timeval, then byte i holds i (0x10, 0x11, ...)
+    pings = [struct.pack("<QQ", 1_773_194_400 + i, 0) + bytes(range(0x10, 0x38))
+             for i in range(6)]
+    (flow,) = _judged(_echo_capture(tmp_path, pings, "ping.pcap"))
+    assert flow.app == "icmp" and flow.verdict.value == "allow"
+    assert [f.id for f in flow.findings if not f.waived] == []
+    rng = random.Random(3)
+    tunnel = [rng.randbytes(900) for _ in range(6)]
+    (flow,) = _judged(_echo_capture(tmp_path, tunnel, "tunnel.pcap"))
+    found = [f for f in flow.findings if f.id == "icmp-tunnel"]
+    assert found and found[0].evidence.packets == 12 and found[0].evidence.max_payload == 900
+    assert found[0].evidence.entropy > 7

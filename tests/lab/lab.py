@@ -36,7 +36,8 @@ LINK_HOST, LINK_NET = "10.99.0.2", "10.99.0.1"
 
 TOOLS = {"ip": "iproute2", "tcpdump": "tcpdump", "sshd": "openssh-server",
          "ssh": "openssh-client", "nginx": "nginx-light", "dnsmasq": "dnsmasq-base",
-         "curl": "curl", "openssl": "openssl", "autossh": "autossh"}
+         "curl": "curl", "openssl": "openssl", "autossh": "autossh", "ping": "iputils-ping",
+         "ptunnel-ng": "ptunnel-ng"}
 """Commands the lab uses, with the Debian package that brings each (tests/system-deps.sh)."""
 
 
@@ -228,7 +229,9 @@ ClientAliveInterval 5
     def recording(self, name: str = "lab.pcap"):
         """Capture what crosses the task host's interface while the block runs."""
         path = self.dir / name
-        proc = self.spawn("host", "tcpdump", "-i", self.host_if, "-U", "-s", "0", "-Z", "root",
+        # --immediate-mode: each packet to the file at once, so stopping loses none
+        proc = self.spawn("host", "tcpdump", "-i", self.host_if, "--immediate-mode", "-U",
+                          "-s", "0", "-Z", "root",
                           "-w", path, log="tcpdump.log")
         deadline = time.monotonic() + 10
         while "listening on" not in (self.dir / "tcpdump.log").read_text(errors="replace"):
