@@ -28,6 +28,8 @@ DATAGRAM_CAP = 8
 """UDP payloads kept per direction for identification."""
 MAX_PENDING = 32
 """Out-of-order segments held per direction while waiting for a gap to fill."""
+WATCH_CAP = 4096
+"""Packets kept in a watched flow's feed of sizes and times (a reverse tunnel shows early)."""
 
 # Zeek's defaults: tcp_inactivity_timeout, udp/icmp_inactivity_timeout, tcp_close_delay.
 IDLE_US = {TCP: 300_000_000, UDP: 60_000_000}
@@ -111,7 +113,7 @@ class Flow:
     __slots__ = ("key", "rkey", "ipver", "proto", "src", "dst", "sport", "dport", "start",
                  "last", "pkts_o", "pkts_r", "bytes_o", "bytes_r", "tcp", "cstream",
                  "sstream", "cgrams", "sgrams", "icmp", "collecting", "ident", "weird",
-                 "closed_at", "midstream", "flow_id", "idle")
+                 "closed_at", "midstream", "flow_id", "idle", "watch", "watched")
 
     def __init__(self, key, rkey, ipver, proto, src, dst, sport, dport, ts):
         self.key, self.rkey = key, rkey
@@ -131,6 +133,10 @@ class Flow:
         self.midstream = False
         self.flow_id: str | None = None  # given when first needed (a DNS answer names it)
         self.idle = IDLE_US.get(proto, IDLE_OTHER_US)
+        # The watch feed: (time, from the initiator, payload bytes) of packets with payload,
+        # kept for TCP flows until identification says the flow needs no watching.
+        self.watch: list | None = [] if proto == TCP else None
+        self.watched: list | None = None     # the feed once full (the fast path resumes)
 
 
 class FlowTable:
@@ -176,6 +182,10 @@ class FlowTable:
         if proto == TCP:
             if flags & (SYN | FIN | RST):
                 self._tcp_flags(flow, is_orig, flags, seq)
+            if plen and flow.watch is not None:
+                flow.watch.append((ts, is_orig, plen))
+                if len(flow.watch) >= WATCH_CAP:
+                    flow.watched, flow.watch = flow.watch, None
             if plen and flow.collecting:
                 stream = flow.cstream if is_orig else flow.sstream
                 if stream is None:
@@ -227,7 +237,8 @@ class FlowTable:
             return False
         flow, is_orig = hit
         total = buf[ip + 2] << 8 | buf[ip + 3]
-        if flow.collecting or ts - flow.last > flow.idle or total < 28:
+        if flow.collecting or flow.watch is not None or ts - flow.last > flow.idle \
+                or total < 28:
             return False
         flow.last = ts
         if is_orig:

@@ -537,6 +537,8 @@ class Observation:
     """ICMP echo payloads in order, as ("out" from the initiator or "in", bytes)."""
     watch: list[tuple[int, bool, int]] | None = None
     """(time, from the initiator, payload bytes) of the packets with payload, up to a cap."""
+    ssh_kex_end: tuple[int | None, int | None] | None = None
+    """SSH: the stream offsets (initiator's, responder's) where key exchange ended."""
 
 
 def _time():

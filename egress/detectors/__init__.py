@@ -78,6 +78,8 @@ def default_task_detectors() -> list[TaskDetector]:
 
 def default_detectors() -> list[Detector]:
     """Every detector that ships, in the order they run."""
-    from egress.detectors import metadata, stratum, ech, encrypted_dns, icmp_tunnel
+    from egress.detectors import (metadata, stratum, ech, encrypted_dns, icmp_tunnel,
+                                  reverse_ssh)
     return [metadata.MetadataEndpoint(), stratum.MiningStratum(),
-            ech.EncryptedClientHello(), encrypted_dns.EncryptedDns(), icmp_tunnel.IcmpTunnel()]
+            ech.EncryptedClientHello(), encrypted_dns.EncryptedDns(), icmp_tunnel.IcmpTunnel(),
+            reverse_ssh.ReverseSshTunnel()]

@@ -25,6 +25,8 @@ from egress.records import (DnsInfo, DnsQuery, HttpInfo, QuicInfo, SshInfo, Stra
                             TlsInfo, Tunnel)
 
 TCP, UDP = 6, 17
+WATCHED = ("ssh",)
+"""Apps whose packets' sizes and times are kept for the watch step (reverse tunnels)."""
 MIN_PREFIX = 8
 """Client bytes below which no parser can say no yet ("GE" may become "GET ")."""
 MAX_DNS_QUERIES = 64
@@ -37,7 +39,7 @@ class _State:
     """What identification knows of one flow so far."""
 
     __slots__ = ("app", "tls", "http", "ssh", "stratum", "quic", "dns", "tunnel",
-                 "coff", "soff", "dns_pending", "dns_seen")
+                 "coff", "soff", "dns_pending", "dns_seen", "kex_end")
 
     def __init__(self):
         self.app = None
@@ -46,6 +48,7 @@ class _State:
         self.coff = self.soff = 0          # where the (tunnelled) protocol starts
         self.dns_pending: dict[int, DnsQuery] = {}
         self.dns_seen = [0, 0]             # DNS-over-TCP messages handled per direction
+        self.kex_end: tuple | None = None  # SSH: where each side's key exchange ends
 
 
 class Identifier:
@@ -60,6 +63,8 @@ class Identifier:
             st = flow.ident = _State()
         if flow.proto == TCP:
             self._tcp(flow, st, final=False)
+            if st.app is not None and st.app not in WATCHED:
+                flow.watch = None        # only SSH is watched: its shape over time matters
         elif flow.proto == UDP:
             self._udp(flow, st)
         elif flow.icmp is not None:
@@ -150,7 +155,10 @@ class Identifier:
         sess = ssh.session(c, s)
         st.ssh = SshInfo(client=sess.client_banner, server=sess.server_banner,
                          hassh=sess.hassh, hassh_server=sess.hassh_server)
-        if sess.hassh and sess.hassh_server:
+        # Collect until both sides' key exchange ends: the watch feed is read from there.
+        st.kex_end = (None if sess.client_newkeys_end is None else st.coff + sess.client_newkeys_end,
+                      None if sess.server_newkeys_end is None else st.soff + sess.server_newkeys_end)
+        if None not in st.kex_end or self._full(flow):
             flow.collecting = False
 
     def _stratum(self, flow, st: _State, hit) -> None:
@@ -270,6 +278,7 @@ class Identifier:
             if got:
                 st.quic = _quic_info(got)
         return {"app": st.app, "tls": st.tls, "http": st.http, "ssh": st.ssh,
+                "kex_end": st.kex_end,
                 "stratum": st.stratum, "quic": st.quic, "tunnel": st.tunnel,
                 "dns": DnsInfo(queries=st.dns) if st.dns is not None else None}
 

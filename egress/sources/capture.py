@@ -77,10 +77,13 @@ class CaptureStats:
     """Flow table counters (flows, finished idle, finished early at the bound)."""
 
 
-def _observation(flow: Flow) -> Observation | None:
+def _observation(flow: Flow, kex_end) -> Observation | None:
     if flow.icmp is not None and flow.icmp[2]:
         return Observation(echo=[("out" if orig else "in", data)
                                  for orig, data in flow.icmp[2]])
+    watch = flow.watch if flow.watch is not None else flow.watched
+    if watch and kex_end is not None:
+        return Observation(watch=watch, ssh_kex_end=kex_end)
     return None
 
 
@@ -167,6 +170,7 @@ class CaptureSource:
         except ValueError:
             cid = None      # a tuple the spec cannot hash; the record says unknown
             self.stats.table["flows without a community id"] += 1
+        fields = self._identifier.fields(flow)
         record = FlowRecord(
             flow_id=self._flow_id(flow),
             task=self.attribution.owner(src, dst, flow.start),
@@ -182,6 +186,6 @@ class CaptureSource:
             bytes_out=flow.bytes_o, bytes_in=flow.bytes_r,
             packets_out=flow.pkts_o, packets_in=flow.pkts_r,
             weird=sorted(flow.weird),
-            observation=_observation(flow),
-            **self._identifier.fields(flow))
+            observation=_observation(flow, fields.pop("kex_end", None)),
+            **fields)
         self._out.append(record)

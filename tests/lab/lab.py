@@ -114,6 +114,10 @@ class Lab:
         """Run a command on the task host and wait for it."""
         return self._sh(*self._exec(self.host_ns, cmd), check=check, timeout=timeout)
 
+    def net(self, *cmd, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a command in the fake internet (a relay's own side) and wait for it."""
+        return self._sh(*self._exec(self.net_ns, cmd), check=check, timeout=timeout)
+
     def spawn(self, where: str, *cmd, log: str | None = None) -> subprocess.Popen:
         """Start a long-running command on the task host ("host") or the internet ("net")."""
         ns = self.host_ns if where == "host" else self.net_ns

@@ -1,0 +1,114 @@
+"""reverse-ssh-tunnel: an SSH session in which the server drives (remote forwarding).
+
+With ``ssh -R``, connections arrive at the relay and travel back to the task
+host: after authentication it is the server side that starts each exchange
+(a forwarded connection opening, a request coming in) and the client that
+answers it. In an ordinary session the client starts (a command, keystrokes)
+and the server's output needs no answer. From traffic alone, on any port,
+the watch feed of packet sizes, directions and times after NEWKEYS says
+which side drives. Keystroke chaff (OpenSSH 9.5+) and keepalives are
+client-started or answered with fixed sizes, so neither side's sizes alone
+decide anything: keepalives (one fixed-size packet each way at a regular
+interval) are set apart and reported, not counted.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+
+from egress.detectors import Context, Window
+from egress.records import Finding, FlowRecord, Step
+
+GAP_US = 150_000
+"""A pause this long starts a new exchange; a reply and its request come closer together."""
+AUTH_EXCHANGES = 1
+"""The first exchange after key exchange is authentication and set-up (key authentication
+runs without a pause): not counted."""
+MIN_DRIVEN = 3
+"""Server-started exchanges the client answers, at least, to call the session a tunnel."""
+MIN_KEEPALIVES = 3
+"""Repeats of one (server size, client size) pair, one packet each, that make keepalives."""
+
+
+class ReverseSshTunnel:
+    name = "reverse-ssh-tunnel"
+    steps = frozenset({Step.WATCH})
+    window = Window(watch=True)
+
+    def inspect(self, flow: FlowRecord, ctx: Context):
+        seen = flow.observation
+        if flow.app != "ssh" or seen is None or not seen.watch or seen.ssh_kex_end is None \
+                or None in seen.ssh_kex_end:
+            return []
+        exchanges = _exchanges(_after_key_exchange(seen.watch, seen.ssh_kex_end))
+        after_auth = exchanges[AUTH_EXCHANGES:]
+        keepalive = _keepalive_pair(after_auth)
+        driven = [e for e in after_auth if not e.client_started and e.client_packets
+                  and (keepalive is None or e.pair != keepalive)]
+        client_started = [e for e in after_auth if e.client_started]
+        if len(driven) < MIN_DRIVEN or len(driven) <= len(client_started):
+            return []
+        interval = None
+        if keepalive is not None:
+            times = [e.start for e in after_auth if e.pair == keepalive]
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            interval = round(statistics.median(gaps) / 1e6, 1) if gaps else None
+        return [Finding.make("reverse-ssh-tunnel", source="traffic",
+                             server_first_exchanges=len(driven), keepalive_interval_s=interval)]
+
+
+class _Exchange:
+    __slots__ = ("start", "client_started", "client_packets", "server_packets", "sizes")
+
+    def __init__(self, start: int, client_started: bool):
+        self.start, self.client_started = start, client_started
+        self.client_packets = self.server_packets = 0
+        self.sizes: list[tuple[bool, int]] = []
+
+    @property
+    def pair(self):
+        """(server size, client size) of a one-packet-each exchange, else None."""
+        if self.client_packets == 1 and self.server_packets == 1:
+            server = next(s for c, s in self.sizes if not c)
+            client = next(s for c, s in self.sizes if c)
+            return server, client
+        return None
+
+
+def _after_key_exchange(watch, kex_end):
+    """The packets that start at or after their side's NEWKEYS (encrypted from there)."""
+    client_end, server_end = kex_end
+    offset = {True: 0, False: 0}
+    out = []
+    for ts, from_client, size in watch:
+        start = offset[from_client]
+        offset[from_client] += size
+        if start >= (client_end if from_client else server_end):
+            out.append((ts, from_client, size))
+    return out
+
+
+def _exchanges(packets) -> list[_Exchange]:
+    out: list[_Exchange] = []
+    last = None
+    for ts, from_client, size in packets:
+        if last is None or ts - last >= GAP_US:
+            out.append(_Exchange(ts, from_client))
+        ex = out[-1]
+        if from_client:
+            ex.client_packets += 1
+        else:
+            ex.server_packets += 1
+        ex.sizes.append((from_client, size))
+        last = ts
+    return out
+
+
+def _keepalive_pair(exchanges):
+    """The (server, client) sizes that recur as server-started one-packet pairs: keepalives."""
+    pairs = Counter(e.pair for e in exchanges if not e.client_started and e.pair is not None)
+    if not pairs:
+        return None
+    pair, count = pairs.most_common(1)[0]
+    return pair if count >= MIN_KEEPALIVES else None

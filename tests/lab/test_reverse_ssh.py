@@ -1,0 +1,71 @@
+"""Real OpenSSH: a reverse tunnel with traffic through it is found; a command's output is not."""
+
+import sys
+import time
+
+from egress.records import FlowRecord
+from egress.replay import replay
+from egress.sources.capture import CaptureSource
+from tagging import manifest
+from tagging.attribution import Attribution, parse_networks
+from tests.lab.lab import LINK_HOST, LINK_NET
+
+# SSH to the relay is declared: what is left to find is what the session does.
+PURPOSE = f'''version = 1
+purpose = "Deploy over SSH to the relay"
+task = "lab-ssh"
+
+[[allow]]
+cidr = "{LINK_NET}/32"
+protocol = "dns"
+
+[[allow]]
+host = "relay.lab"
+ports = [22]
+'''
+
+SSH = ["ssh", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
+       "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"]
+
+
+def ssh_flow(capture):
+    out = []
+    who = Attribution(task="lab-ssh", local=parse_networks([f"{LINK_HOST}/32"]))
+    replay(CaptureSource([str(capture)], who), manifest.parse(PURPOSE, "p.toml"),
+           on_record=out.append)
+    (flow,) = [r for r in out if isinstance(r, FlowRecord) and r.app == "ssh"]
+    return flow
+
+
+def test_reverse_tunnel_with_traffic_is_found(lab):
+    lab.start_dns({"relay.lab": "198.51.100.7"})
+    key = lab.start_sshd("198.51.100.7", 22)
+    lab.spawn("host", sys.executable, "-m", "http.server", "8080", "--bind", "127.0.0.1",
+              log="http.log")
+    with lab.recording() as capture:
+        tunnel = lab.spawn("host", *SSH, "-i", key, "-N", "-R", "9000:127.0.0.1:8080",
+                           "root@relay.lab", log="ssh-client.log")
+        lab.wait_port("127.0.0.1", 9000)
+        for _ in range(5):                  # someone at the relay uses the tunnel
+            got = lab.net("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                          "http://127.0.0.1:9000/")
+            assert got.stdout == "200"
+            time.sleep(0.4)
+        lab.stop(tunnel)
+    flow = ssh_flow(capture)
+    found = [f for f in flow.findings if f.id == "reverse-ssh-tunnel"]
+    assert found, flow.findings
+    assert found[0].evidence.source == "traffic"
+    assert found[0].evidence.server_first_exchanges >= 3
+    assert flow.verdict.value == "flag" and flow.decided_at.value == "watch"
+
+
+def test_a_commands_output_is_not_a_tunnel(lab):
+    lab.start_dns({"relay.lab": "198.51.100.7"})
+    key = lab.start_sshd("198.51.100.7", 22)
+    with lab.recording() as capture:
+        done = lab.host(*SSH, "-i", key, "root@relay.lab",
+                        "for i in 1 2 3 4 5 6; do echo line $i; sleep 0.3; done")
+        assert done.stdout.count("line") == 6
+    flow = ssh_flow(capture)
+    assert [f.id for f in flow.findings] == [] and flow.verdict.value == "allow"
