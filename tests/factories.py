@@ -20,10 +20,12 @@ def make_flow(**fields) -> FlowRecord:
     """An outbound TCP flow of task ``t1`` to 203.0.113.10:443; override any field."""
     n = next(_ids)
     base = dict(flow_id=f"f-test{n:04d}", task="t1", proto="tcp", ip_version=4,
-                src="10.213.0.2", sport=next(_ports), dst="203.0.113.10", dport=443,
+                src="10.213.0.2", dst="203.0.113.10", dport=443,
                 start=T0 + n * 1000, end=T0 + n * 1000 + 500_000, conn_state="SF",
                 observed="full", bytes_out=1200, bytes_in=5400, packets_out=8,
                 packets_in=7)
+    if "sport" not in fields:
+        base["sport"] = 1024 + next(_ports) % 64000   # distinct, and always a port
     base.update(fields)
     return FlowRecord(**base)
 

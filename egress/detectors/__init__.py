@@ -73,13 +73,14 @@ class TaskDetector(Protocol):
 
 def default_task_detectors() -> list[TaskDetector]:
     """Every task-level detector that ships."""
-    return []
+    from egress.detectors import dns_tunnel
+    return [dns_tunnel.DnsTunnel()]
 
 
 def default_detectors() -> list[Detector]:
     """Every detector that ships, in the order they run."""
     from egress.detectors import (metadata, stratum, ech, encrypted_dns, icmp_tunnel,
-                                  reverse_ssh)
+                                  reverse_ssh, spend, mining_pool)
     return [metadata.MetadataEndpoint(), stratum.MiningStratum(),
             ech.EncryptedClientHello(), encrypted_dns.EncryptedDns(), icmp_tunnel.IcmpTunnel(),
-            reverse_ssh.ReverseSshTunnel()]
+            reverse_ssh.ReverseSshTunnel(), spend.SpendEndpoint(), mining_pool.MiningPool()]

@@ -175,7 +175,7 @@ class MiningPool:
                 return [Finding.make("mining-pool", name=None, port=flow.dport,
                                      reason="mining-port-and-shape")]
             return []
-        for name in flow_names(flow):  # the first listed one
+        for name in flow_names(flow, (b.name for b in ctx.names)):  # the first listed one
             if self.pools.lookup(name) is not None:
                 return [Finding.make("mining-pool", name=name, port=flow.dport,
                                      reason="known-pool")]

@@ -189,7 +189,9 @@ def test_capture_and_flow_log_of_the_incident_judge_alike():
     from_capture = run("replay", CAPTURE, "--purpose", PURPOSE, "--no-store", "--json")
     from_log = run("replay", FLOWS, "--purpose", PURPOSE, "--no-store", "--json")
     assert from_capture.exit_code == from_log.exit_code == 10
-    assert _findings(from_capture.output) == _findings(from_log.output)
+    # The same ids; counts may differ where the stories' shapes do (the log's pool
+    # connection lasts 48 minutes: mining-shaped as well as a known pool's name).
+    assert set(_findings(from_capture.output)) == set(_findings(from_log.output))
     flows = [json.loads(l) for l in from_capture.output.splitlines() if '"kind":"flow"' in l]
     assert all(f["community_id"].startswith("1:") for f in flows)
     ssh = [f for f in flows if f["app"] == "ssh"]
