@@ -341,6 +341,7 @@ LINK_SCOPED = tuple(ipaddress.ip_network(n) for n in (
 """Destinations no router forwards. Not 169.254.0.0/16: the metadata services live there."""
 
 
+@functools.lru_cache(maxsize=65536)
 def _link_scoped(address: str) -> bool:
     ip = _address(address)
     return ip is not None and any(ip in net for net in LINK_SCOPED if net.version == ip.version)

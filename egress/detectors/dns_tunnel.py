@@ -225,6 +225,9 @@ class _DomainWindow:
 
     def tunnel_shape(self, domain: str) -> DnsTunnelEvidence | None:
         """The evidence when the window looks like a tunnel, else None."""
+        # Cheap first: every rule needs a few payload-shaped names in the window.
+        if sum(1 for s in self.seen if s.payload) < MIN_PAYLOAD_NAMES:
+            return None
         seen = [s for s in self.seen if s.time >= self.newest - WINDOW_US]  # stragglers too
         names = {s.name for s in seen}
         payload = {s.name for s in seen if s.payload}
@@ -335,6 +338,10 @@ def entropy(label: bytes) -> float:
 
 def _reverse(labels: list[bytes]) -> bool:
     return len(labels) >= 2 and (labels[-2], labels[-1]) in REVERSE_ZONES
+
+
+MIN_PAYLOAD_NAMES = min(MIN_ODD_TYPE_NAMES, MANY_TXT, int(PAYLOAD_SHARE * MANY_NAMES))
+"""No rule fires with fewer payload-shaped names in the window than this."""
 
 
 def _odd_type(qtype: str) -> bool:

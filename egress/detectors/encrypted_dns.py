@@ -8,11 +8,15 @@ that happens to cover it (``*.google`` is not a decision to allow dns.google).
 
 from __future__ import annotations
 
+import functools
+
 from egress.detectors import Context, Window
 from egress.identify import resolvers
 from egress.records import Finding, FlowRecord, Step
 
 TRANSPORT = {"tcp": "tcp", "udp": "udp"}
+_lookup = functools.lru_cache(maxsize=65536)(resolvers.lookup)
+"""Resolver lookups by (name, address), remembered: the same destinations recur."""
 
 
 class EncryptedDns:
@@ -22,7 +26,7 @@ class EncryptedDns:
 
     def inspect(self, flow: FlowRecord, ctx: Context):
         sent = (flow.tls.sni if flow.tls else None) or (flow.quic.sni if flow.quic else None)
-        resolver = resolvers.lookup(sent or flow.server_name, flow.dst)
+        resolver = _lookup(sent or flow.server_name, flow.dst)
         kind = resolvers.kind(TRANSPORT.get(flow.proto, flow.proto), flow.dport, flow.app,
                               resolver)
         if kind is None:

@@ -9,6 +9,7 @@ an allow rule mean the same thing by the same text.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import tomllib
 from pathlib import Path
@@ -100,6 +101,7 @@ class HostSet(Generic[T]):
         return None
 
 
+@functools.lru_cache(maxsize=65536)
 def _normal(name: str | None) -> str | None:
     if not name:
         return None

@@ -6,6 +6,7 @@ reading instance credentials, so this is critical on any port.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from egress.detectors import Context, Window
@@ -27,10 +28,15 @@ class MetadataEndpoint:
     window = Window()
 
     def inspect(self, flow: FlowRecord, ctx: Context):
-        try:
-            address = ipaddress.ip_address(flow.dst)
-        except ValueError:
-            return []
-        if address in METADATA_ADDRESSES:
-            return [Finding.make("metadata-endpoint", address=str(address))]
-        return []
+        address = _metadata(flow.dst)
+        return [Finding.make("metadata-endpoint", address=address)] if address else []
+
+
+@functools.lru_cache(maxsize=65536)
+def _metadata(text: str) -> str | None:
+    """The address in canonical form if it is a metadata service's, else None."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return str(address) if address in METADATA_ADDRESSES else None

@@ -27,6 +27,8 @@ from egress.records import (DnsInfo, DnsQuery, HttpInfo, QuicInfo, SshInfo, Stra
 TCP, UDP = 6, 17
 WATCHED = ("ssh",)
 """Apps whose packets' sizes and times are kept for the watch step (reverse tunnels)."""
+KEX_WAIT_UPDATES = 4
+"""Packets after both KEXINITs in which to find NEWKEYS (the key exchange takes two or three)."""
 MIN_PREFIX = 8
 """Client bytes below which no parser can say no yet ("GE" may become "GET ")."""
 MAX_DNS_QUERIES = 64
@@ -39,7 +41,7 @@ class _State:
     """What identification knows of one flow so far."""
 
     __slots__ = ("app", "tls", "http", "ssh", "stratum", "quic", "dns", "tunnel",
-                 "coff", "soff", "dns_pending", "dns_seen", "kex_end")
+                 "coff", "soff", "dns_pending", "dns_seen", "kex_end", "kex_waits")
 
     def __init__(self):
         self.app = None
@@ -49,6 +51,7 @@ class _State:
         self.dns_pending: dict[int, DnsQuery] = {}
         self.dns_seen = [0, 0]             # DNS-over-TCP messages handled per direction
         self.kex_end: tuple | None = None  # SSH: where each side's key exchange ends
+        self.kex_waits = 0                 # SSH: updates since both KEXINITs were seen
 
 
 class Identifier:
@@ -158,7 +161,11 @@ class Identifier:
         # Collect until both sides' key exchange ends: the watch feed is read from there.
         st.kex_end = (None if sess.client_newkeys_end is None else st.coff + sess.client_newkeys_end,
                       None if sess.server_newkeys_end is None else st.soff + sess.server_newkeys_end)
-        if None not in st.kex_end or self._full(flow):
+        if sess.hassh and sess.hassh_server:
+            st.kex_waits += 1
+        # Both KEXINITs seen: NEWKEYS follows within a few packets; a stream that never
+        # shows it (not OpenSSH-shaped, or damaged) stops being read soon after.
+        if None not in st.kex_end or self._full(flow) or st.kex_waits > KEX_WAIT_UPDATES:
             flow.collecting = False
 
     def _stratum(self, flow, st: _State, hit) -> None:
