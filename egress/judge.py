@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 from egress.detectors import (Context, Detector, TaskDetector, default_detectors,
                               default_task_detectors)
-from egress.names import DnsBindings, NameBinding, bindings_from
+from egress.names import DnsBindings, NameBinding, bindings_from, strip_port
 from egress.records import (Finding, FlowRecord, Mode, Severity, Step, TaskEvent,
                             verdict_for, Verdict)
 from tagging.manifest import Purpose
@@ -377,7 +377,7 @@ def _sent_name(flow: FlowRecord) -> tuple[str | None, str | None]:
     elif flow.quic is not None and flow.quic.sni:
         raw, source = flow.quic.sni, "sni"
     elif flow.http is not None and flow.http.host and flow.http.method != "CONNECT":
-        raw, source = _strip_port(flow.http.host), "http-host"
+        raw, source = strip_port(flow.http.host), "http-host"
     if raw is None:
         return None, None
     try:
@@ -391,14 +391,6 @@ def _normal(name: str) -> str:
         return normalize_name(name)
     except ValueError:
         return name.lower()
-
-
-def _strip_port(host: str) -> str:
-    if host.startswith("["):  # [v6]:port
-        return host[1:].split("]", 1)[0]
-    if host.count(":") == 1:
-        return host.split(":", 1)[0]
-    return host
 
 
 def _internal(step: Step, component: str, error: Exception) -> Finding:

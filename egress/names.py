@@ -90,3 +90,12 @@ class DnsBindings:
                 valid.append(b)
         valid.sort(key=lambda b: b.time, reverse=True)
         return valid
+
+
+def strip_port(host: str) -> str:
+    """An HTTP Host or authority without its port (``[v6]:port`` too)."""
+    if host.startswith("["):  # [v6]:port
+        return host[1:].split("]", 1)[0]
+    if host.count(":") == 1:
+        return host.split(":", 1)[0]
+    return host

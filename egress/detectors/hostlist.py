@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Generic, Iterable, TypeVar
 
+from egress.names import strip_port
 from egress.records import FlowRecord
 from tagging.rules import RuleError, normalize_host_pattern, normalize_name
 
@@ -116,14 +117,6 @@ def _normal(name: str | None) -> str | None:
         return name
 
 
-def _strip_port(host: str) -> str:
-    if host.startswith("["):  # [v6]:port
-        return host[1:].split("]", 1)[0]
-    if host.count(":") == 1:
-        return host.split(":", 1)[0]
-    return host
-
-
 def flow_names(flow: FlowRecord, extra: Iterable[str] = ()) -> list[str]:
     """The names a flow was made to, normalised, each once, in this order: the
     judge's ``server_name``, the SNI (TLS or QUIC) and HTTP Host it sent, the
@@ -131,7 +124,7 @@ def flow_names(flow: FlowRecord, extra: Iterable[str] = ()) -> list[str]:
     raw = [flow.server_name,
            flow.tls.sni if flow.tls else None,
            flow.quic.sni if flow.quic else None,
-           _strip_port(flow.http.host) if flow.http and flow.http.host
+           strip_port(flow.http.host) if flow.http and flow.http.host
            and flow.http.method != "CONNECT" else None,
            flow.tunnel.host if flow.tunnel else None,
            *extra]
