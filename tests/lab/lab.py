@@ -169,13 +169,18 @@ class Lab:
                  "-addext", f"subjectAltName=DNS:{name}", "-keyout", key, "-out", cert)
         return key, cert
 
-    def start_https(self, name: str, address: str, body: str = "lab index\n") -> Path:
-        """nginx serving ``name`` over TLS on address:443; returns the certificate (the CA)."""
+    def start_https(self, name: str, address: str, body: str = "lab index\n",
+                    root: Path | None = None) -> Path:
+        """nginx serving ``name`` over TLS on address:443 (``root``'s files, or ``body``);
+        returns the certificate (the CA)."""
         self.add_server_address(address)
         key, cert = self._ca(name)
+        serve = f"root {root};" if root else f'return 200 "{body.strip()}\\n";'
         conf = self.dir / f"nginx-{name}.conf"
+        # Workers as root: the test's temporary folders are private to root.
         conf.write_text(f"""
 daemon off;
+user root;
 pid {self.dir}/nginx-{name}.pid;
 error_log {self.dir}/nginx-{name}-error.log;
 events {{}}
@@ -191,7 +196,7 @@ http {{
     server_name {name};
     ssl_certificate {cert};
     ssl_certificate_key {key};
-    location / {{ return 200 "{body.strip()}\\n"; }}
+    location / {{ {serve} }}
   }}
 }}
 """)
