@@ -17,16 +17,17 @@ $(BIN)/egress: setup.cfg pyproject.toml
 
 install: $(BIN)/egress
 
-# The main job on the bundled default: the seed incident's flows judged against
-# the task's declared purpose, stored, then audited and explained.
-# Exit status 10 means "violations found", which is what this incident shows.
+# The main job on the bundled default: a dependency install recorded in the lab
+# (examples/lab-incident/record.py) that also opened a reverse SSH tunnel over 443
+# and mined; replayed against the task's purpose, stored, audited and explained.
+# Exit status 10 means "violations found", which is what this capture shows.
 demo: install
-	$(BIN)/egress purpose check examples/incident/purpose.toml
+	$(BIN)/egress purpose check examples/lab-incident/purpose.toml
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(BIN)/egress replay examples/incident/incident.pcap \
-	    --purpose examples/incident/purpose.toml --db $(DEMO)/egress.db || [ $$? -eq 10 ]
-	$(BIN)/egress audit --db $(DEMO)/egress.db --verdict flag || [ $$? -eq 10 ]
-	$(BIN)/egress explain --finding mining-stratum --db $(DEMO)/egress.db
+	$(BIN)/egress replay examples/lab-incident/incident.pcap --local 10.99.0.2/32 \
+	    --purpose examples/lab-incident/purpose.toml --db $(DEMO)/egress.db || [ $$? -eq 10 ]
+	$(BIN)/egress audit --db $(DEMO)/egress.db --task deps-install --no-events || [ $$? -eq 10 ]
+	$(BIN)/egress explain --finding reverse-ssh-tunnel --db $(DEMO)/egress.db
 
 system-deps:
 	./tests/system-deps.sh

@@ -332,3 +332,30 @@ def test_inbound_flows_are_recorded_not_judged(tmp_path):
     assert local.exit_code == 0
     blind = run("replay", cap, "--purpose", PURPOSE, "--no-store", "--json")
     assert blind.exit_code == 10      # without --local, nothing says it came in
+
+
+LAB_DEMO = ROOT / "examples/lab-incident"
+
+
+def test_the_lab_recorded_demo(store_url):
+    result = run("replay", LAB_DEMO / "incident.pcap", "--local", "10.99.0.2/32",
+                 "--purpose", LAB_DEMO / "purpose.toml", "--db", store_url)
+    assert result.exit_code == 10
+    listed = run("audit", "--db", store_url, "--task", "deps-install", "--json", "--no-events")
+    flows = [json.loads(line) for line in listed.output.splitlines()]
+    by_app = {}
+    for f in flows:
+        by_app.setdefault(f["app"], []).append(f)
+    # the package index: allowed, clean
+    index = [f for f in by_app["tls"] if f["tls"]["sni"] in ("pypi.org", "files.pythonhosted.org")]
+    assert {f["tls"]["sni"] for f in index} == {"pypi.org", "files.pythonhosted.org"}
+    assert all(f["verdict"] == "allow" and not f["findings"] for f in index)
+    assert all(f["verdict"] == "allow" for f in by_app["dns"])
+    # the tunnel over 443 and the miner: found
+    (tunnel,) = by_app["ssh"]
+    assert tunnel["dport"] == 443 and tunnel["server_name"] == "relay.example"
+    assert {x["id"] for x in tunnel["findings"]} >= {"reverse-ssh-tunnel", "ssh-egress"}
+    (miner,) = by_app["stratum"]
+    assert {x["id"] for x in miner["findings"]} >= {"mining-stratum", "mining-pool"}
+    explained = run("explain", "--finding", "reverse-ssh-tunnel", "--db", store_url)
+    assert "server_first_exchanges=" in explained.output
