@@ -37,7 +37,7 @@ LINK_HOST, LINK_NET = "10.99.0.2", "10.99.0.1"
 TOOLS = {"ip": "iproute2", "tcpdump": "tcpdump", "sshd": "openssh-server",
          "ssh": "openssh-client", "nginx": "nginx-light", "dnsmasq": "dnsmasq-base",
          "curl": "curl", "openssl": "openssl", "autossh": "autossh", "ping": "iputils-ping",
-         "ptunnel-ng": "ptunnel-ng"}
+         "ptunnel-ng": "ptunnel-ng", "iodine": "iodine", "iodined": "iodine"}
 """Commands the lab uses, with the Debian package that brings each (tests/system-deps.sh)."""
 
 
@@ -139,6 +139,17 @@ class Lab:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+
+    def wait_log(self, log: str, text: str, timeout: float = 20) -> None:
+        """Wait until a started process's log says ``text``."""
+        path = self.dir / log
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.exists() and text in path.read_text(errors="replace"):
+                return
+            time.sleep(0.1)
+        raise LabError(f"{log} never said {text!r}: "
+                       + (path.read_text(errors="replace")[-500:] if path.exists() else ""))
 
     def wait_port(self, address: str, port: int, timeout: float = 10) -> None:
         """Wait until something listens on address:port in the fake internet."""
