@@ -16,6 +16,13 @@ import pytest
 
 from db import Store
 
+from hypothesis import settings as _hypothesis_settings
+
+# No per-example deadline: on a loaded 2-core CI machine a slow example is not a bug,
+# and a deadline there only makes the suite flaky. Examples are still bounded in number.
+_hypothesis_settings.register_profile("egress", deadline=None)
+_hypothesis_settings.load_profile("egress")
+
 
 @dataclass(frozen=True)
 class PostgresServer:
