@@ -12,6 +12,7 @@ from egress import config as config_mod
 from egress.records import Mode, Severity, Verdict
 from egress.replay import replay as run_replay
 from egress.capture.files import CaptureError
+from egress.detectors import FULL
 from egress.sources import Inputs, SourceError
 from tagging import attribution, manifest, profiles as profiles_mod
 
@@ -143,11 +144,15 @@ def profiles(name: str | None) -> None:
                    "are inbound, and flows between other hosts are no task's.")
 @click.option("--mode", type=click.Choice(["audit", "enforce"]),
               help="Judge as audit or enforce (may tighten the manifest's, never loosen).")
+@click.option("--window", type=click.Choice(["live", "full"]), default="live",
+              show_default=True,
+              help="What detectors see of each flow: what live recording provides, or "
+                   "everything the capture has.")
 @DB_OPTION
 @click.option("--no-store", is_flag=True, help="Judge and print only; write nothing.")
 @JSON_OPTION
 @click.pass_context
-def replay(ctx, inputs, purpose_file, task, tasks_file, local, mode, db_url, no_store,
+def replay(ctx, inputs, purpose_file, task, tasks_file, local, mode, window, db_url, no_store,
            as_json) -> None:
     """Judge recorded flows under a purpose, as the live agent would have.
 
@@ -181,7 +186,7 @@ def replay(ctx, inputs, purpose_file, task, tasks_file, local, mode, db_url, no_
     on_record = (lambda r: click.echo(render.json_line(r))) if as_json else None
     recorder = None
     try:
-        inputs_ = Inputs(list(inputs), who)
+        inputs_ = Inputs(list(inputs), who, window=FULL if window == "full" else None)
         if not no_store:  # written by a process of its own, on the other core
             recorder = BackgroundRecorder(db_url, cfg.database, kind="replay",
                                           sources=list(inputs))

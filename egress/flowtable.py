@@ -44,9 +44,10 @@ O_SYN, R_SYNACK, O_FIN, R_FIN, O_RST, R_RST, R_SYN = 1, 2, 4, 8, 16, 32, 64
 class Stream:
     """One direction's first bytes, reassembled by sequence number."""
 
-    __slots__ = ("base", "next", "data", "pending", "full")
+    __slots__ = ("base", "next", "data", "pending", "full", "cap")
 
-    def __init__(self, isn: int | None):
+    def __init__(self, isn: int | None, cap: int = STREAM_CAP):
+        self.cap = cap           # bytes kept (the observation window's)
         self.base = isn          # sequence number of data[0]
         self.next = isn          # next sequence number expected
         self.data = bytearray()
@@ -92,7 +93,7 @@ class Stream:
         return True
 
     def _append(self, payload: bytes) -> None:
-        room = STREAM_CAP - len(self.data)
+        room = self.cap - len(self.data)
         if len(payload) >= room:
             payload, self.full = payload[:room], True
         self.data += payload
@@ -143,7 +144,13 @@ class FlowTable:
     """Packets in, finished flows out (through ``on_finish``), in capture time order."""
 
     def __init__(self, on_finish: Callable[[Flow], None],
-                 on_payload: Callable[[Flow, bool], None], *, max_flows: int = 200_000):
+                 on_payload: Callable[[Flow, bool], None], *, max_flows: int = 200_000,
+                 stream_cap: int = STREAM_CAP, datagram_cap: int = DATAGRAM_CAP,
+                 echo_cap: int = 2 * DATAGRAM_CAP, watch_cap: int = WATCH_CAP):
+        """The caps are the observation window: bytes per direction of a stream, UDP
+        payloads and ICMP echo payloads per direction kept, entries of the watch feed."""
+        self.stream_cap, self.datagram_cap = stream_cap, datagram_cap
+        self.echo_cap, self.watch_cap = echo_cap, watch_cap
         # One dict a protocol, keyed by the bytes of the tuple as IPv4 lays them out
         # (addresses, then ports): the fast path keys a packet by one slice of it.
         self.tables: dict[int, dict[bytes, tuple[Flow, bool]]] = {TCP: {}, UDP: {}}
@@ -184,12 +191,12 @@ class FlowTable:
                 self._tcp_flags(flow, is_orig, flags, seq)
             if plen and flow.watch is not None:
                 flow.watch.append((ts, is_orig, plen))
-                if len(flow.watch) >= WATCH_CAP:
+                if len(flow.watch) >= self.watch_cap:
                     flow.watched, flow.watch = flow.watch, None
             if plen and flow.collecting:
                 stream = flow.cstream if is_orig else flow.sstream
                 if stream is None:
-                    stream = Stream(None)
+                    stream = Stream(None, self.stream_cap)
                     if is_orig:
                         flow.cstream = stream
                     else:
@@ -201,11 +208,11 @@ class FlowTable:
         elif flow.collecting and (plen or proto != UDP):
             if proto == UDP:
                 grams = flow.cgrams if is_orig else flow.sgrams
-                if len(grams) < DATAGRAM_CAP:
+                if len(grams) < self.datagram_cap:
                     grams.append(bytes(buf[poff:poff + plen]))
                     self.on_payload(flow, is_orig)
             elif flow.icmp is not None:
-                if len(flow.icmp[2]) < DATAGRAM_CAP * 2:
+                if len(flow.icmp[2]) < self.echo_cap:
                     flow.icmp[2].append((is_orig, bytes(buf[poff:poff + plen])))
                     self.on_payload(flow, is_orig)
         if self._next_sweep is None:
@@ -271,6 +278,8 @@ class FlowTable:
             key, rkey = rkey, key
             src, dst, sport, dport = dst, src, dport, sport
         flow = Flow(key, rkey, ipver, proto, src, dst, sport, dport, ts)
+        if not self.watch_cap:
+            flow.watch = None
         if proto == TCP:
             flow.midstream = not (flags & SYN)
             if flow.midstream:
@@ -292,11 +301,11 @@ class FlowTable:
             if is_orig and not flags & ACK:
                 flow.tcp |= O_SYN
                 if flow.cstream is None:
-                    flow.cstream = Stream((seq + 1) & 0xFFFFFFFF)
+                    flow.cstream = Stream((seq + 1) & 0xFFFFFFFF, self.stream_cap)
             elif not is_orig:
                 flow.tcp |= R_SYNACK if flags & ACK else R_SYN
                 if flow.sstream is None:
-                    flow.sstream = Stream((seq + 1) & 0xFFFFFFFF)
+                    flow.sstream = Stream((seq + 1) & 0xFFFFFFFF, self.stream_cap)
         if flags & FIN:
             flow.tcp |= O_FIN if is_orig else R_FIN
         if flags & RST:

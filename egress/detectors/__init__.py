@@ -71,6 +71,25 @@ class TaskDetector(Protocol):
     def observe(self, flow: FlowRecord, ctx: Context) -> Iterable[TaskEvent]: ...
 
 
+GATE = Window(packets=8, bytes=16 * 1024)
+"""What identification itself needs at the gate: a post-quantum ClientHello fits."""
+FULL = Window(packets=1_000_000, bytes=1 << 20, watch=True)
+"""``--window full``: everything a capture has (a megabyte a direction, every packet)."""
+
+
+def live_window(detectors=None, task_detectors=None) -> Window:
+    """The window live recording provides: what identification and every detector need.
+
+    Replay applies it by default, so a capture gives the verdicts live would have.
+    """
+    windows = [GATE] + [d.window for d in (default_detectors() if detectors is None
+                                           else detectors)]
+    windows += [d.window for d in (default_task_detectors() if task_detectors is None
+                                   else task_detectors)]
+    return Window(packets=max(w.packets for w in windows), bytes=max(w.bytes for w in windows),
+                  watch=any(w.watch for w in windows))
+
+
 def default_task_detectors() -> list[TaskDetector]:
     """Every task-level detector that ships."""
     from egress.detectors import dns_tunnel

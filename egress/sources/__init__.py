@@ -12,8 +12,9 @@ from egress.sources.flowlog import SourceError, flowlog_items
 class Inputs:
     """What a replay reads: its items in order, and what it could not use."""
 
-    def __init__(self, paths: list[str], attribution):
-        """``attribution``: who owns a captured flow (``tagging.attribution.Attribution``)."""
+    def __init__(self, paths: list[str], attribution, window=None):
+        """``attribution``: who owns a captured flow (``tagging.attribution.Attribution``);
+        ``window``: what of each flow identification and detectors see (default: live)."""
         from egress.sources.capture import CaptureSource, sniff
         kinds = {sniff(p) for p in paths}
         if len(kinds) > 1:
@@ -21,7 +22,7 @@ class Inputs:
         self.skipped: Counter = Counter()
         self.capture = None
         if kinds == {"capture"}:
-            self.capture = CaptureSource(paths, attribution)
+            self.capture = CaptureSource(paths, attribution, window=window)
             self.items: Iterable[FlowRecord | NameBinding] = self.capture
         else:
             self.items = flowlog_items(paths, self.skipped)

@@ -16,7 +16,8 @@ from typing import Iterator, Protocol
 from egress.capture.decode import Decoder
 from egress.capture.files import CaptureError, open_capture
 from egress.community_id import community_id_packed
-from egress.flowtable import Flow, FlowTable, conn_state
+from egress.detectors import Window, live_window
+from egress.flowtable import WATCH_CAP, Flow, FlowTable, conn_state
 from egress.identify import Identifier
 from egress.names import query_bindings
 from egress.records import DnsQuery, FlowRecord, NameBinding, Observation, stable_flow_id
@@ -89,14 +90,20 @@ def _observation(flow: Flow, kex_end) -> Observation | None:
 
 class CaptureSource:
     def __init__(self, paths: list[str], attribution: Attribution, *,
-                 max_flows: int = 200_000):
+                 max_flows: int = 200_000, window: Window | None = None):
+        """``window``: what of each flow to keep for identification and detectors
+        (default: the live window, what live recording would provide)."""
         self.paths = [str(p) for p in paths]
         self.attribution = attribution
         self.stats = CaptureStats()
         self._out: list[FlowRecord | NameBinding] = []
         self._text: dict[bytes, str] = {}
         self._identifier = Identifier(on_answer=self._answer)
-        self._table = FlowTable(self._finish, self._identifier.update, max_flows=max_flows)
+        window = window or live_window()
+        self._table = FlowTable(self._finish, self._identifier.update, max_flows=max_flows,
+                                stream_cap=window.bytes, datagram_cap=window.packets,
+                                echo_cap=window.packets,
+                                watch_cap=WATCH_CAP if window.watch else 0)
 
     def __iter__(self) -> Iterator[FlowRecord | NameBinding]:
         out = self._out

@@ -108,3 +108,29 @@ def test_ping_shaped_echo_is_clean_and_a_tunnel_is_found(tmp_path):
     found = [f for f in flow.findings if f.id == "icmp-tunnel"]
     assert found and found[0].evidence.packets == 12 and found[0].evidence.max_payload == 900
     assert found[0].evidence.entropy > 7
+
+
+def test_the_window_decides_what_a_detector_sees(tmp_path, monkeypatch):
+    """Live, the recorder keeps the first echo payloads only: a tunnel that starts later
+    is not seen; --window full shows it. Replay applies the live window by default."""
+    import random
+    import struct
+    from egress.detectors import FULL, live_window
+    from egress.replay import replay
+    from tagging import manifest
+    live = live_window()
+    pings = [struct.pack("<QQ", i, 0) + bytes(range(0x10, 0x38)) for i in range(live.packets)]
+    rng = random.Random(9)
+    cap = _echo_capture(tmp_path, pings + [rng.randbytes(900) for _ in range(8)], "late.pcap")
+    purpose = manifest.parse('version = 1\npurpose = "ping"\ntask = "t1"\nwaive = ["direct-ip"]\n'
+                             '[[allow]]\ncidr = "203.0.113.0/24"\ntransport = "icmp"\n', "p.toml")
+
+    def icmp_findings(window):
+        out = []
+        replay(CaptureSource([str(cap)], Attribution(task="t1"), window=window), purpose,
+               on_record=out.append)
+        (flow,) = [r for r in out if isinstance(r, FlowRecord)]
+        return [f.id for f in flow.findings if not f.waived]
+
+    assert icmp_findings(None) == []
+    assert icmp_findings(FULL) == ["icmp-tunnel"]
