@@ -539,6 +539,8 @@ class Observation:
     """(time, from the initiator, payload bytes) of the packets with payload, up to a cap."""
     ssh_kex_end: tuple[int | None, int | None] | None = None
     """SSH: the stream offsets (initiator's, responder's) where key exchange ended."""
+    ssh_role_reversed: bool | None = None
+    """SSH: True when the TCP initiator sent the server's key-exchange reply."""
 
 
 def _time():

@@ -38,8 +38,13 @@ class ReverseSshTunnel:
 
     def inspect(self, flow: FlowRecord, ctx: Context):
         seen = flow.observation
-        if flow.app != "ssh" or seen is None or not seen.watch or seen.ssh_kex_end is None \
-                or None in seen.ssh_kex_end:
+        if flow.app != "ssh" or seen is None:
+            return []
+        if seen.ssh_role_reversed:
+            # The side that opened the connection is the SSH server: the far side logs in
+            # to the task host through a connection the task made (a reverse shell).
+            return [Finding.make("reverse-ssh-tunnel", source="traffic", role_reversal=True)]
+        if not seen.watch or seen.ssh_kex_end is None or None in seen.ssh_kex_end:
             return []
         exchanges = _exchanges(_after_key_exchange(seen.watch, seen.ssh_kex_end))
         after_auth = exchanges[AUTH_EXCHANGES:]

@@ -41,7 +41,8 @@ class _State:
     """What identification knows of one flow so far."""
 
     __slots__ = ("app", "tls", "http", "ssh", "stratum", "quic", "dns", "tunnel",
-                 "coff", "soff", "dns_pending", "dns_seen", "kex_end", "kex_waits")
+                 "coff", "soff", "dns_pending", "dns_seen", "kex_end", "kex_waits",
+                 "ssh_reversed")
 
     def __init__(self):
         self.app = None
@@ -52,6 +53,7 @@ class _State:
         self.dns_seen = [0, 0]             # DNS-over-TCP messages handled per direction
         self.kex_end: tuple | None = None  # SSH: where each side's key exchange ends
         self.kex_waits = 0                 # SSH: updates since both KEXINITs were seen
+        self.ssh_reversed: bool | None = None  # SSH: the initiator acted as the server
 
 
 class Identifier:
@@ -167,6 +169,10 @@ class Identifier:
         # shows it (not OpenSSH-shaped, or damaged) stops being read soon after.
         if None not in st.kex_end or self._full(flow) or st.kex_waits > KEX_WAIT_UPDATES:
             flow.collecting = False
+            if sess.client_kexinit_end is not None:
+                # The initiator sending a server-only key-exchange reply: roles reversed.
+                st.ssh_reversed = any(m in ssh.SERVER_KEX_MESSAGES
+                                      for m in ssh.kex_messages(c, sess.client_kexinit_end))
 
     def _stratum(self, flow, st: _State, hit) -> None:
         st.app = "stratum"
@@ -285,7 +291,7 @@ class Identifier:
             if got:
                 st.quic = _quic_info(got)
         return {"app": st.app, "tls": st.tls, "http": st.http, "ssh": st.ssh,
-                "kex_end": st.kex_end,
+                "kex_end": (st.kex_end, st.ssh_reversed),
                 "stratum": st.stratum, "quic": st.quic, "tunnel": st.tunnel,
                 "dns": DnsInfo(queries=st.dns) if st.dns is not None else None}
 

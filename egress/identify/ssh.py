@@ -193,6 +193,27 @@ def hassh_server(kex: KexInit) -> str:
     return hashlib.md5(hassh_server_string(kex).encode("latin-1")).hexdigest()
 
 
+SERVER_KEX_MESSAGES = (31, 33)
+"""KEXDH_REPLY / KEX_ECDH_REPLY / KEX_DH_GEX_GROUP (31) and KEX_DH_GEX_REPLY (33): only a
+server sends them, so they say which side of a connection is the SSH server."""
+
+
+def kex_messages(data: bytes, start: int) -> list[int]:
+    """Message numbers of the cleartext packets from ``start`` up to NEWKEYS (or the data's end)."""
+    out, pos = [], start
+    for _ in range(CLEARTEXT_PACKETS_MAX):
+        if len(data) < pos + 6:
+            break
+        packet_length, padding_length, msg = struct.unpack_from(">IBB", data, pos)
+        if not _plausible(packet_length, padding_length):
+            break
+        out.append(msg)
+        pos += 4 + packet_length
+        if msg == MSG_NEWKEYS:
+            break
+    return out
+
+
 def newkeys_end(data: bytes, start: int) -> int | None | NeedMore:
     """Offset just past SSH_MSG_NEWKEYS, walking cleartext packets from ``start``.
 

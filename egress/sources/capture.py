@@ -78,13 +78,14 @@ class CaptureStats:
     """Flow table counters (flows, finished idle, finished early at the bound)."""
 
 
-def _observation(flow: Flow, kex_end) -> Observation | None:
+def _observation(flow: Flow, ssh_kex) -> Observation | None:
+    kex_end, reversed_roles = ssh_kex if ssh_kex is not None else (None, None)
     if flow.icmp is not None and flow.icmp[2]:
         return Observation(echo=[("out" if orig else "in", data)
                                  for orig, data in flow.icmp[2]])
     watch = flow.watch if flow.watch is not None else flow.watched
     if watch and kex_end is not None:
-        return Observation(watch=watch, ssh_kex_end=kex_end)
+        return Observation(watch=watch, ssh_kex_end=kex_end, ssh_role_reversed=reversed_roles)
     return None
 
 

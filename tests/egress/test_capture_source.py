@@ -134,3 +134,58 @@ def test_the_window_decides_what_a_detector_sees(tmp_path, monkeypatch):
 
     assert icmp_findings(None) == []
     assert icmp_findings(FULL) == ["icmp-tunnel"]
+
+
+def _ssh_packet(msg: int, body: bytes = b"\x00" * 24) -> bytes:
+    payload = bytes([msg]) + body
+    pad = 8 - (len(payload) + 5) % 8
+    pad += 8 if pad < 4 else 0
+    return struct.pack("!IB", len(payload) + pad + 1, pad) + payload + b"\x00" * pad
+
+
+def _ssh_capture(tmp_path, initiator_is_server: bool):
+    """A connection whose initiator speaks as the SSH client, or (reversed) as the server."""
+    import sys
+    sys.path.insert(0, str(ROOT / "bench"))
+    from make_capture import TcpFlow, Writer, ssh_kexinit
+    path = tmp_path / ("reversed.pcap" if initiator_is_server else "normal.pcap")
+    client_msgs = [_ssh_packet(30), _ssh_packet(21, b"")]          # ECDH_INIT, NEWKEYS
+    server_msgs = [_ssh_packet(31, b"\x00" * 200), _ssh_packet(21, b"")]  # ECDH_REPLY, NEWKEYS
+    with open(path, "wb") as out:
+        w = Writer(out)
+        f = TcpFlow(w, 1_773_194_400.0, bytes([10, 0, 0, 2]), bytes([198, 51, 100, 7]),
+                    40000, 2222)
+        ours, theirs = (server_msgs, client_msgs) if initiator_is_server else \
+            (client_msgs, server_msgs)
+        f.send(True, b"SSH-2.0-OpenSSH_9.2p1\r\n" + ssh_kexinit("server" if initiator_is_server
+                                                               else "client"))
+        f.send(False, b"SSH-2.0-OpenSSH_9.2p1\r\n" + ssh_kexinit("client" if initiator_is_server
+                                                                else "server"))
+        if initiator_is_server:
+            f.send(False, theirs[0])
+            f.send(True, ours[0] + ours[1])
+            f.send(False, theirs[1])
+        else:
+            f.send(True, ours[0])
+            f.send(False, theirs[0] + theirs[1])
+            f.send(True, ours[1])
+        f.close()
+    return path
+
+
+import struct  # noqa: E402  (used by the SSH packet builder above)
+
+
+def test_an_initiator_speaking_as_ssh_server_is_role_reversal(tmp_path):
+    for reversed_roles in (True, False):
+        items, _ = replay(_ssh_capture(tmp_path, reversed_roles))
+        (flow,) = [i for i in items if isinstance(i, FlowRecord) and i.app == "ssh"]
+        assert flow.observation.ssh_role_reversed is reversed_roles
+        from egress.detectors import Context
+        from egress.detectors.reverse_ssh import ReverseSshTunnel
+        from egress.records import Step
+        found = ReverseSshTunnel().inspect(flow, Context(step=Step.WATCH, purpose=None,
+                                                         names=()))
+        assert bool(found) is reversed_roles
+        if found:
+            assert found[0].evidence.role_reversal is True
