@@ -8,8 +8,8 @@ and the server's output needs no answer. From traffic alone, on any port,
 the watch feed of packet sizes, directions and times after NEWKEYS says
 which side drives. Keystroke chaff (OpenSSH 9.5+) and keepalives are
 client-started or answered with fixed sizes, so neither side's sizes alone
-decide anything: keepalives (one fixed-size packet each way at a regular
-interval) are set apart and reported, not counted.
+decide anything: keepalives (one fixed-size packet each way, recurring, from
+either side) are set apart and reported, not counted.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ AUTH_EXCHANGES = 1
 runs without a pause): not counted."""
 MIN_DRIVEN = 3
 """Server-started exchanges the client answers, at least, to call the session a tunnel."""
+KEEPALIVE_MAX = 128
+"""Bytes a keepalive packet stays under: an empty global request or reply, encrypted."""
 MIN_KEEPALIVES = 3
 """Repeats of one (server size, client size) pair, one packet each, that make keepalives."""
 
@@ -48,15 +50,16 @@ class ReverseSshTunnel:
             return []
         exchanges = _exchanges(_after_key_exchange(seen.watch, seen.ssh_kex_end))
         after_auth = exchanges[AUTH_EXCHANGES:]
-        keepalive = _keepalive_pair(after_auth)
-        driven = [e for e in after_auth if not e.client_started and e.client_packets
-                  and (keepalive is None or e.pair != keepalive)]
-        client_started = [e for e in after_auth if e.client_started]
-        if len(driven) < MIN_DRIVEN or len(driven) <= len(client_started):
+        keepalives = _keepalives(after_auth)
+        work = [e for e in after_auth if e.key not in keepalives]
+        # Symmetric: an exchange one side starts and the other answers with data.
+        driven = [e for e in work if not e.client_started and e.client_packets]
+        client_driven = [e for e in work if e.client_started and e.server_packets]
+        if len(driven) < MIN_DRIVEN or len(driven) < len(client_driven):
             return []
         interval = None
-        if keepalive is not None:
-            times = [e.start for e in after_auth if e.pair == keepalive]
+        if keepalives:
+            times = [e.start for e in after_auth if e.key in keepalives]
             gaps = [b - a for a, b in zip(times, times[1:])]
             interval = round(statistics.median(gaps) / 1e6, 1) if gaps else None
         return [Finding.make("reverse-ssh-tunnel", source="traffic",
@@ -72,12 +75,10 @@ class _Exchange:
         self.sizes: list[tuple[bool, int]] = []
 
     @property
-    def pair(self):
-        """(server size, client size) of a one-packet-each exchange, else None."""
+    def key(self):
+        """(who started, first size, answer size) of a one-packet-each exchange, else None."""
         if self.client_packets == 1 and self.server_packets == 1:
-            server = next(s for c, s in self.sizes if not c)
-            client = next(s for c, s in self.sizes if c)
-            return server, client
+            return (self.client_started, self.sizes[0][1], self.sizes[1][1])
         return None
 
 
@@ -110,10 +111,9 @@ def _exchanges(packets) -> list[_Exchange]:
     return out
 
 
-def _keepalive_pair(exchanges):
-    """The (server, client) sizes that recur as server-started one-packet pairs: keepalives."""
-    pairs = Counter(e.pair for e in exchanges if not e.client_started and e.pair is not None)
-    if not pairs:
-        return None
-    pair, count = pairs.most_common(1)[0]
-    return pair if count >= MIN_KEEPALIVES else None
+def _keepalives(exchanges) -> set:
+    """Small one-packet-each exchanges that recur with the same sizes: keepalives, from
+    either side (ClientAliveInterval from the server, ServerAliveInterval from the client)."""
+    keys = Counter(e.key for e in exchanges
+                   if e.key is not None and max(e.key[1:]) <= KEEPALIVE_MAX)
+    return {key for key, count in keys.items() if count >= MIN_KEEPALIVES}

@@ -46,7 +46,7 @@ def test_reverse_tunnel_with_traffic_is_found(lab):
         tunnel = lab.spawn("host", *SSH, "-i", key, "-N", "-R", "9000:127.0.0.1:8080",
                            "root@relay.lab", log="ssh-client.log")
         lab.wait_port("127.0.0.1", 9000)
-        for _ in range(5):                  # someone at the relay uses the tunnel
+        for _ in range(8):                  # someone at the relay uses the tunnel
             got = lab.net("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
                           "http://127.0.0.1:9000/")
             assert got.stdout == "200"

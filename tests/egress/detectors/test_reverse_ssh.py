@@ -62,3 +62,9 @@ def test_the_client_driving_outnumbers_a_few_server_starts():
 def test_no_feed_no_verdict():
     flow = make_ssh_flow()
     assert ReverseSshTunnel().inspect(flow, Context(step=Step.WATCH, purpose=None, names=())) == []
+
+
+def test_client_keepalives_are_set_apart_too():
+    client_keepalive = [(True, 52), (False, 28)]        # ServerAliveInterval's request and reply
+    (finding,) = found(feed(*([client_keepalive, client_keepalive, FORWARDED] * 4)))
+    assert finding.evidence.server_first_exchanges == 4
