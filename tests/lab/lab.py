@@ -243,6 +243,24 @@ ClientAliveInterval 5
         self.wait_port(address, port)
         return userkey
 
+    # ---------------------------------------------------------------- tunnels
+
+    def serve_host_http(self, port: int = 8080) -> None:
+        """A web server on the task host's loopback: what a reverse tunnel exposes."""
+        import sys
+        self.spawn("host", sys.executable, "-m", "http.server", str(port), "--bind",
+                   "127.0.0.1", log=f"http-{port}.log")
+
+    def use_forward(self, port: int = 9000, times: int = 8, pause: float = 0.4) -> None:
+        """Someone at the relay uses a remote-forwarded port ``times`` times."""
+        self.wait_port("127.0.0.1", port)
+        for _ in range(times):
+            got = self.net("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                           f"http://127.0.0.1:{port}/")
+            if got.stdout != "200":
+                raise LabError(f"the forwarded port {port} answered {got.stdout!r}")
+            time.sleep(pause)
+
     # -------------------------------------------------------------- recording
 
     @contextlib.contextmanager

@@ -1,6 +1,5 @@
 """A real DNS tunnel (iodine, pinging through it) raises dns-tunnel; autossh -R is found too."""
 
-import time
 
 from egress.records import FlowRecord, TaskEvent
 from egress.replay import replay
@@ -50,21 +49,16 @@ def test_iodine_is_a_dns_tunnel(lab):
 def test_autossh_remote_forward_is_found(lab):
     # Keepalives every second from the client (ServerAliveInterval) interleave with the
     # forwarded connections: they must neither hide the tunnel nor count as work.
-    import sys
     lab.start_dns({"relay.lab": "198.51.100.7"})
     key = lab.start_sshd("198.51.100.7", 22)
-    lab.spawn("host", sys.executable, "-m", "http.server", "8080", "--bind", "127.0.0.1",
-              log="http.log")
+    lab.serve_host_http(8080)
     with lab.recording() as capture:
         tunnel = lab.spawn("host", "env", "AUTOSSH_GATETIME=0", "autossh", "-M", "0", "-N",
                            "-F", "/dev/null", "-i", key, "-o", "StrictHostKeyChecking=no",
                            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
                            "-o", "ServerAliveInterval=1", "-R", "9000:127.0.0.1:8080",
                            "root@relay.lab", log="autossh.log")
-        lab.wait_port("127.0.0.1", 9000)
-        for _ in range(8):
-            lab.net("curl", "-s", "-o", "/dev/null", "http://127.0.0.1:9000/")
-            time.sleep(0.4)
+        lab.use_forward(9000)
         lab.stop(tunnel)
     ssh = [r for r in judged(capture) if isinstance(r, FlowRecord) and r.app == "ssh"]
     assert len(ssh) == 1

@@ -1,7 +1,5 @@
 """Real OpenSSH: a reverse tunnel with traffic through it is found; a command's output is not."""
 
-import sys
-import time
 
 from egress.records import FlowRecord
 from egress.replay import replay
@@ -40,17 +38,11 @@ def ssh_flow(capture):
 def test_reverse_tunnel_with_traffic_is_found(lab):
     lab.start_dns({"relay.lab": "198.51.100.7"})
     key = lab.start_sshd("198.51.100.7", 22)
-    lab.spawn("host", sys.executable, "-m", "http.server", "8080", "--bind", "127.0.0.1",
-              log="http.log")
+    lab.serve_host_http(8080)
     with lab.recording() as capture:
         tunnel = lab.spawn("host", *SSH, "-i", key, "-N", "-R", "9000:127.0.0.1:8080",
                            "root@relay.lab", log="ssh-client.log")
-        lab.wait_port("127.0.0.1", 9000)
-        for _ in range(8):                  # someone at the relay uses the tunnel
-            got = lab.net("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                          "http://127.0.0.1:9000/")
-            assert got.stdout == "200"
-            time.sleep(0.4)
+        lab.use_forward(9000)               # someone at the relay uses the tunnel
         lab.stop(tunnel)
     flow = ssh_flow(capture)
     found = [f for f in flow.findings if f.id == "reverse-ssh-tunnel"]
