@@ -116,12 +116,11 @@ def flow_row(record: FlowRecord, capture_run_id: int | None) -> tuple[dict, dict
         raise RecordError(f"expected a FlowRecord, not {type(record).__name__}")
     _check_int(record.start, "flow.start")
     _check_int(record.end, "flow.end", optional=True)
-    obj = record.to_json()
-    # Refuse now what could not be read back; the decoded copy has checked types.
-    checked = FlowRecord.from_json(obj, strict=True)
+    # Refuse now what could not be read back: every value is checked as it is encoded.
+    obj = record.to_checked_json()
     row = {"capture_run_id": capture_run_id}
     for name in SCALARS:
-        value = getattr(checked, name)
+        value = getattr(record, name)
         _check_text(value, f"flow.{name}")
         row[name] = value.value if isinstance(value, enum.Enum) else value
     _check_bounds(row, _FLOW_BOUNDS, "flow")

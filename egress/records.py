@@ -390,6 +390,23 @@ class Finding:
             out["waived"] = True
         return out
 
+    def to_checked_json(self, where: str = "findings") -> dict:
+        """``to_json``, refusing what strict reading would refuse (our own store's check)."""
+        kind = FINDINGS.get(self.id)
+        if kind is None:
+            raise RecordError(f"{where}.id: unknown finding id {self.id!r}")
+        if self.severity is not kind.severity:
+            raise RecordError(f"{where}.severity: {kind.id} is {kind.severity}")
+        if not isinstance(self.evidence, kind.evidence):
+            raise RecordError(f"{where}.evidence: {kind.id} takes {kind.evidence.__name__}")
+        if not isinstance(self.waived, bool):
+            raise RecordError(f"{where}.waived: expected bool")
+        out = {"id": self.id, "severity": str(self.severity),
+               "evidence": _plan(kind.evidence).encode_checked(self.evidence, f"{where}.evidence")}
+        if self.waived:
+            out["waived"] = True
+        return out
+
     @classmethod
     def from_json(cls, data: typing.Any, *, strict: bool = False,
                   where: str = "findings") -> "Finding":
@@ -638,6 +655,14 @@ class FlowRecord:
         out.update(_encode(self))
         return out
 
+    def to_checked_json(self) -> dict:
+        """``to_json``, refusing any value strict reading would refuse (RecordError names it):
+        what our own store writes must read back."""
+        out = {"schema": SCHEMA, "kind": "flow"}
+        out.update(_plan(FlowRecord).encode_checked(self, "flow"))
+        self.check()            # ranges, once the types are known to be right
+        return out
+
     @classmethod
     def from_json(cls, data: typing.Any, *, strict: bool = False) -> "FlowRecord":
         record = _read_top(cls, data, "flow", strict)
@@ -843,6 +868,71 @@ def _decoder(tp) -> typing.Callable:
     return decode_plain
 
 
+def _checker(tp) -> typing.Callable:
+    """A function ``(value, where)`` that raises RecordError unless the value fits ``tp``
+    (what decoding would accept), then returns its JSON form: checking while encoding."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = _checker([a for a in typing.get_args(tp) if a is not type(None)][0])
+        return lambda v, where: None if v is None else inner(v, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        inner = _checker(item)
+
+        def check_list(v, where):
+            if not isinstance(v, list):
+                raise RecordError(f"{where}: expected a list")
+            return [inner(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        return check_list
+    if tp is Finding:
+        def check_finding(v, where):
+            if not isinstance(v, Finding):
+                raise RecordError(f"{where}: expected a finding")
+            return v.to_checked_json(where)
+        return check_finding
+    if tp is typing.Any:
+        return lambda v, where: _encode(v)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        members = {m.value: m for m in tp}
+
+        def check_enum(v, where):
+            value = v.value if isinstance(v, enum.Enum) else v
+            if value not in members or (isinstance(v, enum.Enum) and not isinstance(v, tp)):
+                raise RecordError(f"{where}: {v!r} is not one of {', '.join(members)}")
+            return value
+        return check_enum
+    if dataclasses.is_dataclass(tp):
+        def check_dataclass(v, where):
+            if not isinstance(v, tp):
+                raise RecordError(f"{where}: expected {tp.__name__}")
+            return _plan(tp).encode_checked(v, where)
+        return check_dataclass
+    if tp is float:
+        def check_float(v, where):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise RecordError(f"{where}: expected a number")
+            return v
+        return check_float
+
+    def check_plain(v, where):
+        if not isinstance(v, tp) or (tp is int and isinstance(v, bool)):
+            raise RecordError(f"{where}: expected {tp.__name__}, not {type(v).__name__}")
+        return v
+    return check_plain
+
+
+def _check_time(optional: bool):
+    def check_time(v, where):
+        if v is None:
+            if optional:
+                return None
+            raise RecordError(f"{where}: must not be null")
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise RecordError(f"{where}: expected integer microseconds")
+        return format_time(v)
+    return check_time
+
+
 def _time_decoder(optional: bool):
     def decode_time(v, strict, where):
         if v is None:
@@ -866,15 +956,19 @@ class _Plan:
         self.cls = cls
         self.names = frozenset(f.name for f in contract_fields(cls))
         self.fields = []          # (name, encoder or None, decoder, required)
+        self.checkers = []        # (name, checking encoder)
         for f in contract_fields(cls):
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             if f.metadata.get("time"):
                 optional = typing.get_origin(hints[f.name]) in (typing.Union, types.UnionType)
                 enc = (lambda v: None if v is None else format_time(v))
                 dec = _time_decoder(optional)
+                chk = _check_time(optional)
             else:
                 enc, dec = _encoder(hints[f.name]), _decoder(hints[f.name])
+                chk = _checker(hints[f.name])
             self.fields.append((f.name, enc, dec, required))
+            self.checkers.append((f.name, chk))
 
     def encode(self, value) -> dict:
         out = {}
@@ -882,6 +976,10 @@ class _Plan:
             v = getattr(value, name)
             out[name] = v if enc is None else enc(v)
         return out
+
+    def encode_checked(self, value, where: str) -> dict:
+        """JSON of ``value``, refusing any field a strict decode would refuse."""
+        return {name: chk(getattr(value, name), f"{where}.{name}") for name, chk in self.checkers}
 
     def decode(self, data, strict: bool, where: str):
         if not isinstance(data, dict):

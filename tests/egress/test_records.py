@@ -164,3 +164,24 @@ def test_flow_ids_are_unique_and_shaped():
     ids = {new_flow_id() for _ in range(2000)}
     assert len(ids) == 2000
     assert all(i.startswith("f-") and len(i) == 10 and i[2:].isalnum() for i in ids)
+
+
+def test_checked_encoding_is_the_encoding_and_refuses_what_reading_refuses():
+    flow = FlowRecord.from_json(DESIGN_EXAMPLE, strict=True)
+    assert flow.to_checked_json() == flow.to_json()
+    for field, value in [("verdict", "maybe"), ("sport", "80"), ("start", 1.5),
+                         ("bytes_out", True), ("dport", 70000), ("ip_version", 5),
+                         ("tls", "not a sub-record")]:
+        bad = dataclasses.replace(flow, **{field: value})
+        with pytest.raises(RecordError, match=field):
+            bad.to_checked_json()
+        try:
+            obj = bad.to_json()
+        except (TypeError, ValueError):
+            continue                       # not even encodable: nothing to read back
+        with pytest.raises(RecordError):
+            FlowRecord.from_json(obj, strict=True)
+    wrong = dataclasses.replace(flow, findings=[Finding(id="ssh-egress", severity=Severity.LOW,
+                                                        evidence={})])
+    with pytest.raises(RecordError, match="severity"):
+        wrong.to_checked_json()
