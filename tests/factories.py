@@ -56,6 +56,24 @@ def make_dns_flow(name: str, answers: list[str], *, qtype: str = "A", ttl: int =
                      **fields)
 
 
+PURPOSE_HEAD = 'version = 1\npurpose = "test"\n'
+RESOLVER_RULE = '\n[[allow]]\ncidr = "10.213.0.1/32"\nprotocol = "dns"\n'
+"""The task's resolver (make_dns_flow's), declared so that its answers bind names."""
+
+
+def make_judge(rules: str = "", mode=None, *, tasks=("t1",), detectors=None,
+               task_detectors=None):
+    """A judge for tasks ``tasks`` under a purpose of ``rules`` (manifest text), whose
+    resolver is declared; detectors as given, else the shipped ones."""
+    from egress.judge import Judge, TaskPolicy
+    from egress.records import Mode
+    from tagging import manifest
+    mode = mode or Mode.AUDIT
+    purpose = manifest.parse(PURPOSE_HEAD + rules + RESOLVER_RULE, "t.toml")
+    return Judge([TaskPolicy(t, purpose, mode) for t in tasks], mode=mode, detectors=detectors,
+                 task_detectors=task_detectors)
+
+
 def make_finding(id: str = "direct-ip", **evidence) -> Finding:
     if id == "direct-ip" and not evidence:
         evidence = {"address": "203.0.113.10"}

@@ -2,24 +2,17 @@
 
 import pytest
 
-from egress.judge import Judge, TaskPolicy
+from egress.judge import Judge
 from egress.records import (Finding, Mode, Severity, Step, Verdict, verdict_for, TlsInfo,
                             QuicInfo)
 from egress.detectors import Window
 from tagging import manifest
-from tests.factories import (make_dns_flow, make_flow, make_http_flow, make_ssh_flow,
+from tests.factories import (PURPOSE_HEAD, make_judge, make_dns_flow, make_flow,
+                             make_http_flow, make_ssh_flow,
                              make_tls_flow)
 
-BASE = 'version = 1\npurpose = "test"\n'
-
-
-RESOLVER = '\n[[allow]]\ncidr = "10.213.0.1/32"\nprotocol = "dns"\n'
-"""The task's resolver (make_dns_flow's), declared so that its answers bind names."""
-
-
 def judge_for(text: str, mode=Mode.AUDIT, detectors=None) -> Judge:
-    purpose = manifest.parse(BASE + text + RESOLVER, "t.toml")
-    return Judge([TaskPolicy("t1", purpose, mode)], mode=mode, detectors=detectors)
+    return make_judge(text, mode, detectors=detectors)
 
 
 def resolve(judge: Judge, name: str, address: str, **kw):
@@ -358,7 +351,7 @@ def test_failing_detector_is_internal_error_never_a_crash(mode, verdict):
 
 def test_internal_error_cannot_be_waived():
     with pytest.raises(manifest.ManifestError, match="internal-error"):
-        manifest.parse(BASE + 'waive = ["internal-error"]')
+        manifest.parse(PURPOSE_HEAD + 'waive = ["internal-error"]')
 
 
 def test_late_step_changes_verdict_and_findings_stick():

@@ -18,11 +18,10 @@ from egress.detectors import Context, dns_tunnel
 from egress.detectors.dns_tunnel import (DnsTunnel, domain_label_count, render,
                                          wire_labels)
 from egress.identify import dns
-from egress.judge import Judge, TaskPolicy
+from egress.judge import Judge
 from egress.records import (DnsInfo, DnsQuery, DnsTunnelEvidence, Mode, Severity, Step,
                             Verdict, read_record)
-from tagging import manifest
-from tests.factories import T0, make_dns_flow, make_flow, make_tls_flow
+from tests.factories import make_judge, T0, make_dns_flow, make_flow, make_tls_flow
 
 SECOND = 1_000_000
 CTX = Context(step=Step.END, purpose=None, names=())
@@ -498,14 +497,8 @@ def test_flows_without_dns_are_ignored():
 
 # ------------------------------------------------------------------ through the judge
 
-BASE = 'version = 1\npurpose = "test"\n'
-RESOLVER = '\n[[allow]]\ncidr = "10.213.0.1/32"\nprotocol = "dns"\n'
-
-
 def judge_for(text: str = "", mode=Mode.AUDIT, tasks=("t1",)) -> Judge:
-    purpose = manifest.parse(BASE + text + RESOLVER, "t.toml")
-    return Judge([TaskPolicy(t, purpose, mode) for t in tasks], mode=mode,
-                 task_detectors=[DnsTunnel()])
+    return make_judge(text, mode, tasks=tasks, task_detectors=[DnsTunnel()])
 
 
 def judge_all(judge: Judge, queries, *, task="t1", step=0.2, start=T0):

@@ -11,14 +11,12 @@ from egress.detectors import mining_pool
 from egress.detectors.mining_pool import (MAX_BYTES_PER_MIN, MAX_MEAN_PACKET,
                                           MIN_DURATION_S, MIN_PACKETS_PER_MIN, MiningPool,
                                           PoolListError)
-from egress.judge import Judge, TaskPolicy
+from egress.judge import Judge
 from egress.records import (MiningPoolEvidence, Mode, Severity, SshInfo, Step, StratumInfo,
                             TlsInfo, Verdict)
 from tagging import manifest
-from tests.factories import T0, make_dns_flow, make_flow, make_http_flow, make_tls_flow
+from tests.factories import PURPOSE_HEAD, make_judge, T0, make_dns_flow, make_flow, make_http_flow, make_tls_flow
 
-BASE = 'version = 1\npurpose = "test"\n'
-RESOLVER = '\n[[allow]]\ncidr = "10.213.0.1/32"\nprotocol = "dns"\n'
 ADDR = "203.0.113.10"
 SECOND = 1_000_000
 MINUTE = 60 * SECOND
@@ -44,8 +42,7 @@ source = "test"
 
 
 def judge_for(text: str = "", mode=Mode.AUDIT, pools=None) -> Judge:
-    purpose = manifest.parse(BASE + text + RESOLVER, "t.toml")
-    return Judge([TaskPolicy("t1", purpose, mode)], mode=mode, detectors=[MiningPool(pools)])
+    return make_judge(text, mode, detectors=[MiningPool(pools)])
 
 
 def resolve(judge: Judge, name: str, address: str = ADDR):
@@ -159,7 +156,7 @@ def test_a_declared_pool_is_still_blocked(small):
 
 def test_it_cannot_be_waived():
     with pytest.raises(Exception, match="mining-pool"):
-        manifest.parse(BASE + 'waive = ["mining-pool"]\n', "t.toml")
+        manifest.parse(PURPOSE_HEAD + 'waive = ["mining-pool"]\n', "t.toml")
 
 
 # ------------------------------------------------------------------ port and shape

@@ -10,14 +10,11 @@ import pytest
 
 from egress.detectors import spend
 from egress.detectors.spend import SpendEndpoint, SpendListError
-from egress.judge import Judge, TaskPolicy
+from egress.judge import Judge
 from egress.records import (HttpInfo, Mode, QuicInfo, Severity, SpendEndpointEvidence, Step,
                             Tunnel, Verdict)
-from tagging import manifest
-from tests.factories import make_dns_flow, make_flow, make_http_flow, make_tls_flow
+from tests.factories import make_judge, make_dns_flow, make_flow, make_http_flow, make_tls_flow
 
-BASE = 'version = 1\npurpose = "test"\n'
-RESOLVER = '\n[[allow]]\ncidr = "10.213.0.1/32"\nprotocol = "dns"\n'
 ADDR = "203.0.113.10"
 
 SMALL = '''
@@ -42,9 +39,7 @@ source = "exchange docs"
 
 
 def judge_for(text: str = "", mode=Mode.AUDIT, endpoints=None) -> Judge:
-    purpose = manifest.parse(BASE + text + RESOLVER, "t.toml")
-    return Judge([TaskPolicy("t1", purpose, mode)], mode=mode,
-                 detectors=[SpendEndpoint(endpoints)])
+    return make_judge(text, mode, detectors=[SpendEndpoint(endpoints)])
 
 
 def resolve(judge: Judge, name: str, address: str = ADDR):
