@@ -11,7 +11,9 @@ command -v make >/dev/null || need+=(make)
 # The lab (tests/lab/lab.py, TOOLS): real servers and clients in namespaces.
 for pair in ip:iproute2 tcpdump:tcpdump sshd:openssh-server ssh:openssh-client \
             nginx:nginx-light dnsmasq:dnsmasq-base curl:curl openssl:openssl autossh:autossh \
-            ping:iputils-ping ptunnel-ng:ptunnel-ng iodine:iodine; do
+            ping:iputils-ping ptunnel-ng:ptunnel-ng iodine:iodine socat:socat \
+            nft:nftables iptables-nft:iptables ipset:ipset conntrack:conntrack iperf3:iperf3 \
+            dig:bind9-dnsutils sudo:sudo; do
     tool=${pair%%:*} pkg=${pair#*:}
     command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || need+=("$pkg")
 done

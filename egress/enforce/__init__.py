@@ -1,0 +1,1 @@
+"""Enforcement for live tasks: nftables rulesets, the task's resolver, the sandbox."""
