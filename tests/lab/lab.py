@@ -37,7 +37,8 @@ LINK_HOST, LINK_NET = "10.99.0.2", "10.99.0.1"
 TOOLS = {"ip": "iproute2", "tcpdump": "tcpdump", "sshd": "openssh-server",
          "ssh": "openssh-client", "nginx": "nginx-light", "dnsmasq": "dnsmasq-base",
          "curl": "curl", "openssl": "openssl", "autossh": "autossh", "ping": "iputils-ping",
-         "ptunnel-ng": "ptunnel-ng", "iodine": "iodine", "iodined": "iodine"}
+         "ptunnel-ng": "ptunnel-ng", "iodine": "iodine", "iodined": "iodine",
+         "socat": "socat"}
 """Commands the lab uses, with the Debian package that brings each (tests/system-deps.sh)."""
 
 
@@ -242,6 +243,15 @@ ClientAliveInterval 5
         self.spawn("net", "/usr/sbin/sshd", "-D", "-e", "-f", conf, log=f"sshd-{port}.log")
         self.wait_port(address, port)
         return userkey
+
+    def start_tls_relay(self, name: str, address: str, to: str) -> None:
+        """socat on address:443 unwrapping TLS (a certificate for ``name``) into TCP ``to``
+        (host:port): how SSH or anything else is hidden inside TLS on 443."""
+        self.add_server_address(address)
+        key, cert = self._ca(name)
+        self.spawn("net", "socat", f"OPENSSL-LISTEN:443,bind={address},reuseaddr,fork,"
+                   f"cert={cert},key={key},verify=0", f"TCP:{to}", log=f"socat-{name}.log")
+        self.wait_port(address, 443)
 
     # ---------------------------------------------------------------- tunnels
 

@@ -26,7 +26,7 @@ def judged(capture, purpose=PURPOSE):
     return out
 
 
-def test_iodine_is_a_dns_tunnel(lab):
+def iodine(lab):
     lab.add_server_address("198.51.100.53")
     lab.spawn("net", "iodined", "-f", "-c", "-l", "198.51.100.53", "-P", "labsecret",
               "10.50.0.1", "t.tunnel.lab", log="iodined.log")
@@ -37,7 +37,11 @@ def test_iodine_is_a_dns_tunnel(lab):
         lab.wait_log("iodine.log", "Connection setup complete")
         lab.host("ping", "-c", "15", "-i", "0.2", "10.50.0.1", check=False)
         lab.stop(client)
-    records = judged(capture)
+    return capture
+
+
+def test_iodine_is_a_dns_tunnel(recorded):
+    records = judged(recorded("iodine", iodine))
     events = [r for r in records if isinstance(r, TaskEvent) and r.event == "dns-tunnel"]
     assert len(events) == 1, [r.event for r in records if isinstance(r, TaskEvent)]
     evidence = events[0].findings[0].evidence
@@ -46,7 +50,7 @@ def test_iodine_is_a_dns_tunnel(lab):
     assert flows and all("undeclared-destination" in {f.id for f in x.findings} for x in flows)
 
 
-def test_autossh_remote_forward_is_found(lab):
+def autossh(lab):
     # Keepalives every second from the client (ServerAliveInterval) interleave with the
     # forwarded connections: they must neither hide the tunnel nor count as work.
     lab.start_dns({"relay.lab": "198.51.100.7"})
@@ -60,6 +64,10 @@ def test_autossh_remote_forward_is_found(lab):
                            "root@relay.lab", log="autossh.log")
         lab.use_forward(9000)
         lab.stop(tunnel)
-    ssh = [r for r in judged(capture) if isinstance(r, FlowRecord) and r.app == "ssh"]
+    return capture
+
+
+def test_autossh_remote_forward_is_found(recorded):
+    ssh = [r for r in judged(recorded("autossh", autossh)) if isinstance(r, FlowRecord) and r.app == "ssh"]
     assert len(ssh) == 1
     assert "reverse-ssh-tunnel" in {f.id for f in ssh[0].findings}

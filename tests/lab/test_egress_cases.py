@@ -50,7 +50,8 @@ def wheel(folder):
         '<a href="../../packages/labpkg-1.0-py3-none-any.whl">labpkg-1.0-py3-none-any.whl</a>')
 
 
-def test_package_download_clean_and_the_rest_found(lab, tmp_path):
+def download_and_the_rest(lab):
+    tmp_path = lab.dir
     wheel(tmp_path / "www")
     lab.start_dns({"pypi.lab": "203.0.113.10", "other.lab": "203.0.113.11",
                    POOL: "198.51.100.42"})
@@ -78,7 +79,11 @@ def test_package_download_clean_and_the_rest_found(lab, tmp_path):
         lab.host("curl", "-sk", "https://203.0.113.20/")
         lab.host("curl", "-sk", "--connect-to", "other.lab:443:pypi.lab:443",
                  "https://other.lab/")
+    return capture
 
+
+def test_package_download_clean_and_the_rest_found(recorded):
+    capture = recorded("pip-stratum-directip-fronting", download_and_the_rest)
     out = []
     who = Attribution(task="lab-pip", local=parse_networks([f"{LINK_HOST}/32"]))
     replay(CaptureSource([str(capture)], who), manifest.parse(PURPOSE, "p.toml"),

@@ -29,16 +29,20 @@ def judged(capture):
             and r.dst.startswith("198.51.100.")]
 
 
-def test_ping_is_clean(lab):
+def ping(lab):
     lab.add_server_address("198.51.100.9")
     with lab.recording() as capture:
         lab.host("ping", "-c", "4", "-i", "0.2", "198.51.100.9")
-    (flow,) = judged(capture)
+    return capture
+
+
+def test_ping_is_clean(recorded):
+    (flow,) = judged(recorded("ping", ping))
     assert flow.packets_out == 4 and flow.packets_in == 4
     assert [f.id for f in flow.findings if not f.waived] == [] and flow.verdict.value == "allow"
 
 
-def test_ptunnel_carrying_ssh_is_an_icmp_tunnel(lab, tmp_path):
+def ptunnel(lab):
     key = lab.start_sshd("198.51.100.7", 22)
     lab.add_server_address("198.51.100.20")
     lab.spawn("net", "ptunnel-ng", "-r198.51.100.7", "-R22", "-v", "1", log="ptunnel-server.log")
@@ -52,7 +56,11 @@ def test_ptunnel_carrying_ssh_is_an_icmp_tunnel(lab, tmp_path):
                         timeout=30, check=False)
     lab.stop(client)
     assert done.stdout.strip() == "through-icmp", done.stderr
-    flows = judged(capture)
+    return capture
+
+
+def test_ptunnel_carrying_ssh_is_an_icmp_tunnel(recorded):
+    flows = judged(recorded("ptunnel-ng", ptunnel))
     tunnels = [f for f in flows if any(x.id == "icmp-tunnel" for x in f.findings)]
     assert tunnels, [(f.dst, f.findings) for f in flows]
     evidence = next(x for x in tunnels[0].findings if x.id == "icmp-tunnel").evidence

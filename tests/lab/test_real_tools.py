@@ -30,7 +30,7 @@ host = "pypi.lab"
 '''
 
 
-def test_curl_and_reverse_ssh_recorded_and_judged(lab, tmp_path):
+def curl_and_reverse_ssh(lab):
     lab.start_dns({"pypi.lab": "203.0.113.10", "relay.lab": "198.51.100.7"})
     ca = lab.start_https("pypi.lab", "203.0.113.10")
     key = lab.start_sshd("198.51.100.7", 22)
@@ -42,8 +42,13 @@ def test_curl_and_reverse_ssh_recorded_and_judged(lab, tmp_path):
                            "-o", "BatchMode=yes", "-R", "9000:localhost:22", "root@relay.lab",
                            log="ssh-client.log")
         time.sleep(2.5)
-        assert tunnel.poll() is None, (tmp_path / "ssh-client.log").read_text()
+        assert tunnel.poll() is None, (lab.dir / "ssh-client.log").read_text()
         lab.stop(tunnel)
+    return capture
+
+
+def test_curl_and_reverse_ssh_recorded_and_judged(recorded):
+    capture = recorded("curl-and-ssh", curl_and_reverse_ssh)
 
     purpose = manifest.parse(PURPOSE, "lab.toml")
     who = Attribution(task="lab-task", local=parse_networks([f"{LINK_HOST}/32"]))
