@@ -1,0 +1,130 @@
+"""Run a task's command contained: the auditor's side of ``egress.enforce.taskinit``.
+
+The command runs as a dedicated unprivileged user: never root, and never the
+sudo caller's own uid, whose tmux, ssh-agent and home directory the task could
+otherwise use. ``--user`` names one; otherwise ``egress-task`` is created on
+first use as a system user with no home and no login shell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+DEFAULT_USER = "egress-task"
+
+HIDDEN = ["/run/user", "/run/netns", "/var/run/netns", "/run/dbus", "/var/run/dbus",
+          "/run/docker.sock", "/var/run/docker.sock", "/run/docker", "/run/containerd",
+          "/run/podman", "/run/systemd/private", "/run/systemd/journal", "/run/screen",
+          "/tmp/.X11-unix", "/var/lib/egress"]
+"""What a task must not reach: session buses and agents of every user, container runtimes,
+the named network namespaces, the store. Absent paths are skipped."""
+
+SCRUBBED = ("SSH_AUTH_SOCK", "SSH_AGENT_PID", "DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR",
+            "TMUX", "TMUX_PANE", "STY", "DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY",
+            "GPG_AGENT_INFO", "KRB5CCNAME", "EGRESS_DB", "SUDO_USER", "SUDO_UID", "SUDO_GID",
+            "SUDO_COMMAND", "MAIL", "OLDPWD")
+"""Variables that point a process at the caller's sessions, agents or credentials."""
+
+
+class SandboxError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TaskUser:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+def task_user(name: str | None = None, caller_uid: int | None = None) -> TaskUser:
+    """The user a task runs as; ``egress-task`` is created when asked for and missing."""
+    wanted = name or DEFAULT_USER
+    try:
+        entry = pwd.getpwnam(wanted)
+    except KeyError:
+        if name is not None:
+            raise SandboxError(f"--user: no user {name!r}") from None
+        made = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
+                               "/nonexistent", "--shell", "/usr/sbin/nologin",
+                               "--comment", "egress task", wanted],
+                              capture_output=True, text=True)
+        if made.returncode != 0:
+            raise SandboxError(f"cannot create user {wanted}: {made.stderr.strip()}")
+        entry = pwd.getpwnam(wanted)
+    if entry.pw_uid == 0:
+        raise SandboxError(f"--user: {wanted} is root; a task never runs as root")
+    if caller_uid is not None and entry.pw_uid == caller_uid:
+        raise SandboxError(f"--user: {wanted} is the calling user; its agents, sockets and "
+                           "home would be the task's")
+    return TaskUser(wanted, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+
+def caller_uid() -> int | None:
+    """The real user behind sudo, when there is one."""
+    value = os.environ.get("SUDO_UID")
+    return int(value) if value and value.isdigit() else None
+
+
+def task_environment(env: dict[str, str], user: TaskUser, home: str) -> dict[str, str]:
+    out = {k: v for k, v in env.items() if k not in SCRUBBED}
+    out.update(HOME=home, USER=user.name, LOGNAME=user.name)
+    out.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return out
+
+
+@dataclass
+class Sandbox:
+    """A command contained in a task's network namespace (``netns``: a path under
+    /run/netns), started by ``start`` and waited for by ``wait``."""
+
+    netns: str
+    argv: list[str]
+    user: TaskUser
+    resolv_conf: str | None = None
+    hide: list[str] = field(default_factory=lambda: list(HIDDEN))
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    cwd: str = field(default_factory=os.getcwd)
+    proc: subprocess.Popen | None = None
+    _home: str | None = None
+
+    def start(self) -> subprocess.Popen:
+        home = self.user.home
+        if not os.path.isdir(home) or os.stat(home).st_uid != self.user.uid:
+            home = self._home = tempfile.mkdtemp(prefix="egress-home-")
+            os.chown(home, self.user.uid, self.user.gid)
+        spec = {"netns": self.netns, "argv": self.argv, "uid": self.user.uid,
+                "gid": self.user.gid, "cwd": self.cwd, "hide": self.hide,
+                "resolv_conf": self.resolv_conf,
+                "env": task_environment(self.env, self.user, home)}
+        read, write = os.pipe()
+        try:
+            # The spec goes through a pipe, not argv: it holds the environment.
+            self.proc = subprocess.Popen([sys.executable, "-m", "egress.enforce.taskinit",
+                                          str(read)], pass_fds=(read,), close_fds=True)
+        finally:
+            os.close(read)
+        with os.fdopen(write, "w") as f:
+            json.dump(spec, f)
+        return self.proc
+
+    def signal(self, signum: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signum)
+
+    def wait(self) -> int:
+        assert self.proc is not None
+        status = self.proc.wait()
+        return 128 - status if status < 0 else status
+
+    def close(self) -> None:
+        if self._home:
+            shutil.rmtree(self._home, ignore_errors=True)
