@@ -304,3 +304,6 @@ def completion(shell: str) -> None:
 
 if __name__ == "__main__":
     main()
+
+from cli.rules import rules_group  # noqa: E402  (after main: rules imports from here)
+main.add_command(rules_group)
