@@ -302,6 +302,12 @@ def completion(shell: str) -> None:
     click.echo(cls(main, {}, "egress", "_EGRESS_COMPLETE").source())
 
 
+# Commands kept in modules of their own; imported last, since they use this module's helpers.
+from cli.live import cleanup, run  # noqa: E402
+
+main.add_command(run)
+main.add_command(cleanup)
+
 if __name__ == "__main__":
     main()
 

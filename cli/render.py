@@ -252,3 +252,25 @@ def replay_summary(con: Console, result, counters: dict) -> None:
     for why, n in sorted(getattr(result, "unbound", {}).items()):
         con.print(escape(f"{n:,} DNS answer(s) bound no name: {why}"))
     input_warnings(con, counters)
+
+
+def run_summary(con: Console, task: str, mode, result) -> None:
+    """The task's egress at the end of ``egress run``: flows, resolver, findings."""
+    if result.flows is not None:
+        replay_summary(con, result.flows, {})
+    r = result.resolver
+    con.print(escape(f"task {task} ({mode}): command exited {result.command_status}; "
+                     f"DNS {r.get('queries', 0):,} queries, {r.get('forwarded', 0):,} forwarded, "
+                     f"{r.get('refused', 0):,} refused"))
+    refused = [f.evidence for e in result.events if e.event == "dns-refused" for f in e.findings]
+    for ev in refused[:20]:
+        con.print(escape(f"  refused: {getattr(ev, 'name', ev)}"))
+    for line in result.losses:
+        con.print(escape(f"warning: {line}"))
+
+
+def cleanup_report(con: Console, done: list[str]) -> None:
+    if not done:
+        con.print("nothing to clean: no run of egress was left behind")
+    for line in done:
+        con.print(escape(line))

@@ -41,6 +41,9 @@ class TaskPolicy:
     task: str
     purpose: Purpose
     mode: Mode
+    own_resolvers: frozenset[str] = frozenset()
+    """Live: the task's own resolvers (egress's); their answers bind names, whatever the
+    purpose's dns rules (which name the resolvers a capture's task may use)."""
 
 
 @dataclass
@@ -108,6 +111,8 @@ class Judge:
         policy = self.policies.get(binding.task) if binding.task is not None else None
         if policy is None or binding.resolver is None:
             return False
+        if binding.resolver in policy.own_resolvers:
+            return True
         address = _address(binding.resolver)
         names = [b.name for b in self.bindings.lookup(binding.task, binding.resolver,
                                                       binding.time)]

@@ -67,7 +67,8 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
            task: str | None = None, mode: Mode | None = None,
            min_ttl_s: int | None = None, recorder: Recorder | None = None,
            on_record: Callable[[FlowRecord | TaskEvent], None] | None = None,
-           skipped: Counter | None = None) -> ReplayResult:
+           skipped: Counter | None = None,
+           own_resolvers: frozenset[str] = frozenset()) -> ReplayResult:
     """Judge a source's items under ``purpose``, in the order the source gives them.
 
     A source gives DNS bindings when the answer was seen and flows when they
@@ -75,7 +76,8 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
     purpose's own) owns every tagged flow and binding; without either, each
     keeps the task it was recorded with. ``purposes`` gives tasks their own
     purpose (a tasks file); ``purpose`` is for every other task. Untagged
-    flows stay untagged and are flagged.
+    flows stay untagged and are flagged. ``own_resolvers``: live, the addresses of the
+    task's own resolver, whose answers bind names.
     """
     purposes = purposes or {}
     owner = task or (purpose.task if purpose else None)
@@ -121,7 +123,7 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
         if p is None:
             raise ValueError(f"flows of task {t!r} need a purpose to be judged by (--purpose)")
         task_mode = p.effective_mode(mode)
-        judge.policies[t] = TaskPolicy(t, p, task_mode)
+        judge.policies[t] = TaskPolicy(t, p, task_mode, own_resolvers)
         spans[t] = [at, at]
         if recorder is not None:
             recorder.task(t, p, task_mode, at)

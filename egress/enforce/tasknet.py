@@ -65,6 +65,10 @@ class TaskNet:
     host_netns: int
     sysctls: dict[str, str] = field(default_factory=dict)
     """Host sysctls this run changed: path -> the value before."""
+    task_pid: int | None = None
+    """The sandbox's outer process (egress.enforce.taskinit), once started."""
+    removal: str = ""
+    """The nft transaction that removes the task's rules (for cleanup)."""
 
     @property
     def host4(self) -> str:
@@ -221,12 +225,15 @@ def _build(net: TaskNet, others: list[TaskNet]) -> None:
     _in_task(net, "ip", "-6", "route", "add", "default", "via", net.host6)
     # A SYN may carry data with Fast Open: off, so every first payload is a data packet.
     _in_task(net, "sysctl", "-qw", "net.ipv4.tcp_fastopen=0")
-    wanted = [(f"net.ipv4.conf.{net.host_if}.forwarding", "1")]
+    sh("nft", "-f", "-", input=nat_rules(net, add=True))    # loads conntrack, for the next
+    # Counters per flow, which the recorder's "first packets" rule needs, and start times.
+    wanted = [("net.netfilter.nf_conntrack_acct", "1"),
+              ("net.netfilter.nf_conntrack_timestamp", "1"),
+              (f"net.ipv4.conf.{net.host_if}.forwarding", "1")]
     if _sysctl_path(f"net.ipv6.conf.{net.host_if}.force_forwarding").exists():
         wanted.append((f"net.ipv6.conf.{net.host_if}.force_forwarding", "1"))
     for name, value in wanted + _uplink_sysctls(net.uplink):
         _set_sysctl(net, name, value, others)
-    sh("nft", "-f", "-", input=nat_rules(net, add=True))
 
 
 def nat_rules(net: TaskNet, add: bool) -> str:

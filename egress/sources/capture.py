@@ -106,32 +106,40 @@ class CaptureSource:
                                 echo_cap=window.packets,
                                 watch_cap=WATCH_CAP if window.watch else 0)
 
+    observed = "full"
+    """What a record of this source saw of its flow (the contract's ``observed``)."""
+
+    def _frames(self):
+        """(linktype, time µs, buffer, offset, caplen, original length) of every packet."""
+        for path in self.paths:
+            packets, read = open_capture(path)   # CaptureError: not a capture
+            for frame in packets:
+                if frame[4] < frame[5]:
+                    self.stats.snapped += 1
+                yield frame
+            self.stats.packets += read.packets
+            if read.truncated:
+                self.stats.truncated[path] = read.truncated
+
     def __iter__(self) -> Iterator[FlowRecord | NameBinding]:
         out = self._out
         table, decoder = self._table, Decoder()
         decode, packet, fast = decoder.decode, table.packet, table.fast_ipv4
-        for path in self.paths:
-            packets, read = open_capture(path)   # CaptureError: not a capture
-            dropped = cut = 0
-            for linktype, ts, buf, off, caplen, origlen in packets:
-                if caplen < origlen:
-                    cut += 1
-                # Ethernet carrying IPv4 of a flow that only needs counting: the fast path.
-                if not (linktype == 1 and buf[off + 12] == 8 and buf[off + 13] == 0
-                        and caplen >= 54 and fast(ts, buf, off + 14, off + caplen)):
-                    d = decode(linktype, ts, buf, off, caplen)
-                    if d is None:
-                        dropped += 1
-                    else:
-                        packet(ts, *d)
-                if out:
-                    yield from out
-                    out.clear()
-            self.stats.packets += read.packets
-            self.stats.decoded += read.packets - dropped
-            self.stats.snapped += cut
-            if read.truncated:
-                self.stats.truncated[path] = read.truncated
+        dropped = 0
+        for linktype, ts, buf, off, caplen, origlen in self._frames():
+            # Ethernet carrying IPv4 of a flow that only needs counting: the fast path.
+            # (An empty frame only lets pending items out: see sources.live.)
+            if caplen and not (linktype == 1 and buf[off + 12] == 8 and buf[off + 13] == 0
+                    and caplen >= 54 and fast(ts, buf, off + 14, off + caplen)):
+                d = decode(linktype, ts, buf, off, caplen)
+                if d is None:
+                    dropped += 1
+                else:
+                    packet(ts, *d)
+            if out:
+                yield from out
+                out.clear()
+        self.stats.decoded = self.stats.packets - dropped
         decoder.finish()
         table.close()
         yield from out
@@ -190,7 +198,7 @@ class CaptureSource:
             dst=dst, dport=None if portless else flow.dport,
             start=flow.start, end=flow.last,
             conn_state=conn_state(flow),
-            observed="full",
+            observed=self.observed,
             bytes_out=flow.bytes_o, bytes_in=flow.bytes_r,
             packets_out=flow.pkts_o, packets_in=flow.pkts_r,
             weird=sorted(flow.weird),

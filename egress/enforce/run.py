@@ -1,0 +1,284 @@
+"""``egress run``: one agent task, contained, with its purpose enforced by the kernel.
+
+The order matters and is fail-closed: the task's network and its ruleset
+(dead-man's switch armed) exist before its resolver answers, and the command
+starts only when both are up. The ruleset is what enforces; this process
+feeds it (addresses from allowed answers), keeps the switch armed and keeps
+the record. If this process dies the switch expires within seconds and the
+task has no egress at all; ``egress cleanup`` removes what is left.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+import os
+import queue
+import signal
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from egress.enforce import sandbox, tasknet
+from egress.enforce.nft import Nft
+from egress.detectors import live_window
+from egress.enforce.resolver import Resolver
+from egress.enforce.ruleset import (Match, TaskRules, arm_deadman, elements_for_name,
+                                    generate_nft, refresh_elements, remove_nft)
+from egress.records import Mode, Severity, TaskEvent
+from egress.replay import ReplayResult
+from tagging.manifest import Purpose
+
+FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
+             signal.SIGUSR1, signal.SIGUSR2)
+
+
+class RunError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunOptions:
+    task: str
+    purpose: Purpose
+    argv: list[str]
+    mode: Mode = Mode.AUDIT
+    user: str | None = None
+    upstream: tuple[str, int] | None = None
+    """The resolver allowed names are forwarded to; the host's first nameserver by default."""
+    pool4: str = tasknet.DEFAULT_POOL4
+    pool6: str = tasknet.DEFAULT_POOL6
+    uplink: str | None = None
+    min_ttl: int = 30
+    deadman_s: int = 5
+    nflog_group: int = 0x6567
+    fail_on_violation: bool = False
+
+
+@dataclass
+class RunResult:
+    status: int
+    """The command's exit status (10 with --fail-on-violation and violations)."""
+    command_status: int
+    resolver: dict[str, int] = field(default_factory=dict)
+    events: list[TaskEvent] = field(default_factory=list)
+    violations: bool = False
+    flows: object | None = None
+    """The recorded flows' summary (egress.replay.ReplayResult), when recorded."""
+    losses: list[str] = field(default_factory=list)
+    """What the record may lack, one line each (lost log messages, a switch not re-armed)."""
+
+
+def preflight(purpose_path: str | None, user: sandbox.TaskUser) -> None:
+    """Refuse to start where the sandbox cannot hold: not root, or a manifest the task
+    itself could rewrite."""
+    if os.geteuid() != 0:
+        raise RunError("egress run needs root (it makes network namespaces and loads "
+                       "nftables rules: CAP_NET_ADMIN and CAP_SYS_ADMIN)")
+    if purpose_path:
+        path = Path(purpose_path).resolve()
+        for part in [path, *path.parents]:
+            st = part.stat()
+            if (st.st_uid == user.uid or st.st_mode & stat.S_IWOTH
+                    or (st.st_mode & stat.S_IWGRP and st.st_gid == user.gid)) \
+                    and not (part != path and st.st_mode & stat.S_ISVTX):
+                raise RunError(f"{purpose_path}: the task's user {user.name} can write "
+                               f"{part}; a live purpose must be out of the task's reach")
+
+
+def host_upstream() -> tuple[str, int]:
+    """The host's first nameserver (/etc/resolv.conf), for names the purpose allows."""
+    try:
+        for line in Path("/etc/resolv.conf").read_text().splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] == "nameserver":
+                return words[1].split("%")[0], 53
+    except OSError:
+        pass
+    raise RunError("no nameserver in /etc/resolv.conf: give the upstream resolver "
+                   "(configuration key upstream)")
+
+
+class _Switch(threading.Thread):
+    """Re-arms the dead-man's switch three times per timeout, until stopped."""
+
+    def __init__(self, apply: Callable[[str], None], rules: TaskRules):
+        super().__init__(name="egress-deadman", daemon=True)
+        self.apply, self.rules = apply, rules
+        self.stopped = threading.Event()
+        self.failures = 0
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.rules.deadman_seconds / 3):
+            try:
+                self.apply(arm_deadman(self.rules))
+            except Exception:               # noqa: BLE001 - counted; the switch fails closed
+                self.failures += 1
+
+
+class TaskRun:
+    def __init__(self, opts: RunOptions, *, purpose_path: str | None = None,
+                 recorder=None, on_event: Callable[[TaskEvent], None] | None = None):
+        self.opts = opts
+        self.purpose_path = purpose_path
+        self.recorder = recorder
+        self.on_event = on_event
+        self.events: list[TaskEvent] = []
+        self._nft_lock = threading.Lock()
+        self._nft: Nft | None = None
+
+    # ------------------------------------------------------------ kernel
+
+    def _apply(self, text: str) -> None:
+        with self._nft_lock:
+            self._nft.run(text)
+
+    def _allow(self, rules: TaskRules, name: str, addresses: list[tuple[str, int]]) -> None:
+        """Put an allowed answer's addresses into the task's sets; returns once the kernel
+        has them (the resolver releases the answer only then)."""
+        pairs = elements_for_name(self.opts.purpose, name)
+        text = "".join(refresh_elements(rules, address, pairs, ttl)
+                       for address, ttl in addresses)
+        if text:
+            self._apply(text)
+
+    def _event(self, event: TaskEvent) -> None:
+        self.events.append(event)
+        if self.on_event:
+            self.on_event(event)
+
+    # ------------------------------------------------------------ record
+
+    def _read_log(self, reader, items: "queue.Queue", stop: threading.Event) -> None:
+        """NFLOG -> the live source's queue, until the task has ended and the log is drained."""
+        while True:
+            got = reader.read(timeout=0.2)
+            for packet in got:
+                items.put(("packet", packet.time, packet.payload))
+            if not got and stop.is_set():
+                return
+
+    def _judge(self, items, net, result: dict) -> None:
+        """The replay pipeline over the live source, in a thread of its own."""
+        from egress.replay import replay
+        from egress.sources.live import LiveSource
+        from tagging.attribution import Attribution, parse_networks
+        opts = self.opts
+        who = Attribution(task=opts.task, local=parse_networks([net.net4, net.net6]))
+        source = LiveSource(items, who)
+        try:
+            result["flows"] = replay(source, opts.purpose, task=opts.task, mode=opts.mode,
+                                     min_ttl_s=opts.min_ttl, recorder=self.recorder,
+                                     own_resolvers=frozenset({net.host4, net.host6}))
+        except Exception as e:              # noqa: BLE001 - reported; the run goes on
+            result["error"] = f"recording failed: {e}"
+        result["stats"] = source.stats
+
+    # ------------------------------------------------------------ run
+
+    def run(self) -> RunResult:
+        from egress.enforce import recording
+        from egress.enforce.nflog import NflogReader
+        opts = self.opts
+        user = sandbox.task_user(opts.user, sandbox.caller_uid())
+        preflight(self.purpose_path, user)
+        upstream = opts.upstream or host_upstream()
+        window = live_window()
+
+        net = tasknet.create(opts.task, opts.pool4, opts.pool6, opts.uplink)
+        rules = TaskRules(task=opts.task, purpose=opts.purpose,
+                          match=Match("interface", net.host_if), mode=Mode(opts.mode).value,
+                          resolver4=net.host4, resolver6=net.host6,
+                          task_addr4=net.task4, task_addr6=net.task6,
+                          nflog_group=opts.nflog_group + 1, deadman_seconds=opts.deadman_s)
+        net.removal = remove_nft(rules) + recording.remove(net.host_if)
+        net.save()
+        items: queue.Queue = queue.Queue()
+        judged: dict = {}
+        box = switch = resolver = reader = logger = judge = None
+        stop_log = threading.Event()
+        try:
+            self._nft = Nft()
+            # Fail closed: rules and the switch first, then the resolver, then the command.
+            self._apply(recording.rules(opts.nflog_group, window.packets)
+                        + recording.add(net.host_if) + generate_nft(rules) + arm_deadman(rules))
+            switch = _Switch(self._apply, rules)
+            switch.start()
+            reader = NflogReader(opts.nflog_group, snaplen=recording.SNAPLEN)
+            logger = threading.Thread(target=self._read_log, args=(reader, items, stop_log),
+                                      name="egress-nflog", daemon=True)
+            logger.start()
+            judge = threading.Thread(target=self._judge, args=(items, net, judged),
+                                     name="egress-judge", daemon=True)
+            judge.start()
+            resolver = Resolver(opts.purpose, opts.task,
+                                [(net.host4, 53), (net.host6, 53)], upstream,
+                                on_allow=lambda name, addrs: self._allow(rules, name, addrs),
+                                on_event=self._event,
+                                on_binding=lambda b: items.put(("binding", b)),
+                                min_ttl=opts.min_ttl)
+            resolver.start()
+            resolv = tasknet.STATE / f"{net.netns}.resolv.conf"
+            resolv.write_text(f"nameserver {net.host4}\nnameserver {net.host6}\n")
+            box = sandbox.Sandbox(net.netns_path, list(opts.argv), user,
+                                  resolv_conf=str(resolv))
+            box.start()
+            net.task_pid = box.proc.pid
+            net.save()
+            previous = {s: signal.signal(s, lambda signum, _f: box.signal(signum))
+                        for s in FORWARDED}
+            try:
+                command_status = box.wait()
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+        finally:
+            if switch:
+                switch.stopped.set()
+            if resolver:
+                resolver.stop()
+            if box:
+                box.close()
+            if self._nft:
+                try:
+                    self._apply(net.removal)
+                except Exception:           # noqa: BLE001 - cleanup removes what is left
+                    pass
+            tasknet.remove(net)
+            stop_log.set()
+            if logger:
+                logger.join(timeout=10)
+            items.put(None)
+            if judge:
+                judge.join(timeout=60)
+            if reader:
+                reader.close()
+            if self._nft:
+                self._nft.close()
+        return self._result(command_status, resolver, reader, switch, judged)
+
+    def _result(self, command_status, resolver, reader, switch, judged) -> RunResult:
+        opts = self.opts
+        if self.recorder and self.events:
+            if "flows" not in judged or opts.task not in judged["flows"].tasks:
+                self.recorder.task(opts.task, opts.purpose, opts.mode, self.events[0].time)
+            self.recorder.records(self.events)
+            self.recorder.end_task(opts.task, time.time_ns() // 1000)
+        flows = judged.get("flows") or ReplayResult(tasks={}, skipped=Counter(),
+                                                    violations=False)
+        losses = [judged["error"]] if "error" in judged else []
+        log = reader.stats() if reader else {}
+        if log.get("lost") or log.get("overruns"):
+            losses.append(f"NFLOG lost {log['lost']:,} packet(s), {log['overruns']:,} overrun(s): "
+                          "flows may be missing from the record")
+        if switch and switch.failures:
+            losses.append(f"the dead-man's switch failed to re-arm {switch.failures} time(s)")
+        violations = flows.violations or any(
+            f.severity.rank >= Severity.MEDIUM.rank and not f.waived
+            for e in self.events for f in e.findings)
+        status = 10 if (opts.fail_on_violation and violations) else command_status
+        return RunResult(status=status, command_status=command_status,
+                         resolver=resolver.counters if resolver else {},
+                         events=self.events, violations=violations, flows=flows, losses=losses)
