@@ -177,6 +177,26 @@ def parse_event(buf: bytes, mtype: int, flags: int, start: int, end: int) -> tup
     return ev, bad
 
 
+class CtDecoder:
+    """Turns datagrams into events and counts ``received`` events and ``malformed``
+    messages or attributes skipped. No socket, so it can be tested and measured on bytes."""
+
+    def __init__(self) -> None:
+        self.received = self.malformed = 0
+
+    def feed(self, data: bytes) -> list[CtEvent]:
+        out = []
+        found, bad = messages(data)
+        for mtype, flags, _seq, start, end in found:
+            ev, more = parse_event(data, mtype, flags, start, end)
+            bad += more
+            if ev is not None:
+                self.received += 1
+                out.append(ev)
+        self.malformed += bad
+        return out
+
+
 class ConntrackEvents:
     """Conntrack events of the network namespace of the calling thread.
 
@@ -188,7 +208,8 @@ class ConntrackEvents:
 
     def __init__(self, groups=("new", "destroy"), *, rcvbuf: int = 32 << 20,
                  reliable: bool = True):
-        self.received = self.lost = self.malformed = 0
+        self.lost = 0
+        self.decoder = CtDecoder()
         self._out: list[CtEvent] = []
         self.sock, self.rcvbuf = open_socket(rcvbuf)
         try:
@@ -201,14 +222,10 @@ class ConntrackEvents:
             raise
 
     def _handle(self, data: bytes) -> None:
-        found, bad = messages(data)
-        for mtype, flags, _seq, start, end in found:
-            ev, more = parse_event(data, mtype, flags, start, end)
-            bad += more
-            if ev is not None:
-                self.received += 1
-                self._out.append(ev)
-        self.malformed += bad
+        self._out.extend(self.decoder.feed(data))
+
+    received = property(lambda self: self.decoder.received)
+    malformed = property(lambda self: self.decoder.malformed)
 
     def read(self, timeout: float | None = 1.0, max_datagrams: int = 1024) -> list[CtEvent]:
         """Events so far: waits up to ``timeout`` seconds for the first, then takes what is

@@ -201,20 +201,51 @@ def parse_packet(buf: bytes, start: int, end: int, now_us: int) -> tuple[LoggedP
                         hook, payload), bad
 
 
+class NflogDecoder:
+    """Turns datagrams into packets and keeps the counts: ``received`` packets, ``lost``
+    packets (gaps in the instance's sequence numbers: a loss shows once a later packet
+    arrives), ``malformed`` messages or attributes skipped. No socket, so it can be tested
+    and measured on bytes."""
+
+    def __init__(self) -> None:
+        self.received = self.lost = self.malformed = 0
+        self._next_seq = 0              # a new instance numbers from 0
+
+    def feed(self, data: bytes, now_us: int | None = None) -> list[LoggedPacket]:
+        now_us = time.time_ns() // 1000 if now_us is None else now_us
+        out = []
+        found, bad = messages(data)
+        for mtype, _flags, _seq, start, end in found:
+            if mtype != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
+                continue                # NLMSG_DONE closes a batch; nothing else is ours
+            packet, more = parse_packet(data, start, end, now_us)
+            bad += more
+            if packet is None:
+                continue
+            self.received += 1
+            if packet.seq is not None:
+                gap = (packet.seq - self._next_seq) & 0xFFFFFFFF
+                if gap < 1 << 31:       # else a replay or a reordering: not a loss
+                    self.lost += gap
+                self._next_seq = (packet.seq + 1) & 0xFFFFFFFF
+            out.append(packet)
+        self.malformed += bad
+        return out
+
+
 class NflogReader:
     """Reads one NFLOG group in the network namespace of the calling thread.
 
-    Counters: ``received`` packets, ``lost`` packets (gaps in the instance's sequence
-    numbers, so a loss shows once a later packet arrives), ``overruns`` (ENOBUFS from our
-    receive buffer: shows a loss at once, without its size), ``malformed`` items skipped.
-    Only one reader per group and namespace: the kernel refuses a second with EBUSY.
+    Counts as ``NflogDecoder`` does, plus ``overruns``: ENOBUFS from our receive buffer,
+    which shows a loss at once but not its size. Only one reader per group and namespace:
+    the kernel refuses a second with EBUSY.
     """
 
     def __init__(self, group: int, *, snaplen: int = 256, rcvbuf: int = 8 << 20,
                  qthresh: int = 16, flush_cs: int = 1):
         self.group = group
-        self.received = self.lost = self.overruns = self.malformed = 0
-        self._next_seq = 0              # a new instance numbers from 0
+        self.overruns = 0
+        self.decoder = NflogDecoder()
         self._out: list[LoggedPacket] = []
         self.sock, self.rcvbuf = open_socket(rcvbuf)
         config = (nla(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))
@@ -251,23 +282,11 @@ class NflogReader:
         raise TimeoutError(f"NFLOG group {self.group}: no answer to the bind")
 
     def _handle(self, data: bytes) -> None:
-        now_us = time.time_ns() // 1000
-        found, bad = messages(data)
-        for mtype, _flags, _seq, start, end in found:
-            if mtype != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
-                continue                # NLMSG_DONE closes a batch; nothing else is ours
-            packet, more = parse_packet(data, start, end, now_us)
-            bad += more
-            if packet is None:
-                continue
-            self.received += 1
-            if packet.seq is not None:
-                gap = (packet.seq - self._next_seq) & 0xFFFFFFFF
-                if gap < 1 << 31:
-                    self.lost += gap
-                self._next_seq = (packet.seq + 1) & 0xFFFFFFFF
-            self._out.append(packet)
-        self.malformed += bad
+        self._out.extend(self.decoder.feed(data))
+
+    received = property(lambda self: self.decoder.received)
+    lost = property(lambda self: self.decoder.lost)
+    malformed = property(lambda self: self.decoder.malformed)
 
     def read(self, timeout: float | None = 1.0, max_datagrams: int = 256) -> list[LoggedPacket]:
         """Packets logged so far: waits up to ``timeout`` seconds for the first, then takes
