@@ -117,7 +117,7 @@ class NamePolicy:
         why = private_reason(ip) or ("host-address" if plain in self.own else None)
         if why is None:
             return None
-        if any(ip.version == n.version and ip in n or plain.version == n.version and plain in n
+        if any((ip.version == n.version and ip in n) or (plain.version == n.version and plain in n)
                for n in self.networks):
             return None
         return why
@@ -240,7 +240,8 @@ def _rewrite_svcb(rrset: dns.rrset.RRset, out: Rewrite, admit) -> dns.rrset.RRse
 
 def _strip_svcb(rd, out: Rewrite, keep):
     params = dict(rd.params)
-    if params.pop(ParamKey.ECH, None) is not None or ParamKey.ECH in rd.params:
+    if ParamKey.ECH in params:
+        del params[ParamKey.ECH]
         out.ech_stripped += 1
     for key, cls in ((ParamKey.IPV4HINT, IPv4HintParam), (ParamKey.IPV6HINT, IPv6HintParam)):
         hint = params.get(key)

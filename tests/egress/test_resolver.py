@@ -59,7 +59,8 @@ def name(text: str) -> dns.name.Name:
     return dns.name.from_text(text)
 
 
-def response(qname: str, qtype: str, answer=(), additional=(), flags="QR RD RA") -> dns.message.Message:
+def response(qname: str, qtype: str, answer=(), additional=(),
+             flags="QR RD RA") -> dns.message.Message:
     """An upstream response from zone-file lines."""
     text = "\n".join([f"id 7\nopcode QUERY\nrcode NOERROR\nflags {flags}", ";QUESTION",
                       f"{qname} IN {qtype}", ";ANSWER", *answer, ";AUTHORITY", ";ADDITIONAL",
@@ -85,14 +86,15 @@ def test_query_names_are_normalised(wire, expected):
 
 
 def test_a_label_holding_a_dot_is_no_host_name():
-    # One label "evil.www" under "example.org": its text form ends in ".example.org".
+    # One label "evil.cdn" under "example": its text form ends in ".cdn.example", as
+    # "*.cdn.example" wants, but the upstream would ask example's servers about it.
     sneaky = dns.name.Name([b"x", b"evil.cdn", b"example", b""])
     assert sneaky.to_text().endswith(r"evil\.cdn.example.")
     assert query_name(sneaky) is None
 
 
-@pytest.mark.parametrize("labels", [[b""], [b"a b", b"example", b""], [b"\xc3\xbc", b"example", b""],
-                                    [b"*", b"cdn", b"example", b""]])
+@pytest.mark.parametrize("labels", [
+    [b""], [b"a b", b"example", b""], [b"\xc3\xbc", b"example", b""], [b"*", b"cdn", b"example", b""]])
 def test_names_outside_host_syntax_are_none(labels):
     assert query_name(dns.name.Name(labels)) is None
 
@@ -177,7 +179,8 @@ def test_every_address_dropped_leaves_an_empty_noerror(policy):
     assert set(done.dropped.values()) == {"link-local", "loopback"}
 
 
-@pytest.mark.parametrize("ttl, floor, kept", [(5, 30, 30), (300, 30, 300), (5, 0, 5), (60, 3600, 3600)])
+@pytest.mark.parametrize("ttl, floor, kept",
+                         [(5, 30, 30), (300, 30, 300), (5, 0, 5), (60, 3600, 3600)])
 def test_ttl_floor(policy, ttl, floor, kept):
     msg = response("www.example.org.", "A", answer=[f"www.example.org. {ttl} IN A 203.0.113.10"])
     assert rewrite(msg, name("www.example.org."), policy, min_ttl=floor).addresses == \
@@ -535,8 +538,8 @@ def test_listens_on_ipv6(purpose, upstream):
 
 
 def test_waived_refusal_still_refused(upstream):
-    waiving = manifest.parse(PURPOSE.replace('task = "t-dns"', 'task = "t-dns"\nwaive = ["dns-refused"]'),
-                             "waive.toml")
+    waiving = manifest.parse(
+        PURPOSE.replace('task = "t-dns"', 'task = "t-dns"\nwaive = ["dns-refused"]'), "waive.toml")
     calls = Calls()
     with serve(waiving, upstream.address, calls) as resolver:
         got = ask(resolver, "refused.example")
