@@ -94,7 +94,8 @@ def test_a_label_holding_a_dot_is_no_host_name():
 
 
 @pytest.mark.parametrize("labels", [
-    [b""], [b"a b", b"example", b""], [b"\xc3\xbc", b"example", b""], [b"*", b"cdn", b"example", b""]])
+    [b""], [b"a b", b"example", b""], [b"\xc3\xbc", b"example", b""],
+    [b"*", b"cdn", b"example", b""]])
 def test_names_outside_host_syntax_are_none(labels):
     assert query_name(dns.name.Name(labels)) is None
 
