@@ -33,6 +33,8 @@ from pathlib import Path
 
 LINK_HOST, LINK_NET = "10.99.0.2", "10.99.0.1"
 """The veth's two ends: the task host, and the fake internet (its router and resolver)."""
+LINK_HOST6, LINK_NET6 = "fd99::2", "fd99::1"
+"""The same, over IPv6."""
 
 TOOLS = {"ip": "iproute2", "tcpdump": "tcpdump", "sshd": "openssh-server",
          "ssh": "openssh-client", "nginx": "nginx-light", "dnsmasq": "dnsmasq-base",
@@ -87,12 +89,14 @@ class Lab:
         # The veth is made inside the host namespace with its peer in the net one.
         self._sh("ip", "-n", self.host_ns, "link", "add", self.host_if, "type", "veth",
                  "peer", "name", self.net_if, "netns", self.net_ns)
-        for ns, dev, addr in ((self.host_ns, self.host_if, LINK_HOST),
-                              (self.net_ns, self.net_if, LINK_NET)):
+        for ns, dev, addr, addr6 in ((self.host_ns, self.host_if, LINK_HOST, LINK_HOST6),
+                                     (self.net_ns, self.net_if, LINK_NET, LINK_NET6)):
             self._sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            self._sh("ip", "-n", ns, "addr", "add", f"{addr6}/64", "dev", dev, "nodad")
             self._sh("ip", "-n", ns, "link", "set", dev, "up")
             self._sh("ip", "-n", ns, "link", "set", "lo", "up")
         self._sh("ip", "-n", self.host_ns, "route", "add", "default", "via", LINK_NET)
+        self._sh("ip", "-n", self.host_ns, "-6", "route", "add", "default", "via", LINK_NET6)
         if not Path("/etc/netns").exists():
             Path("/etc/netns").mkdir()
             self._made.append(("empty-dir", Path("/etc/netns")))
@@ -104,7 +108,8 @@ class Lab:
 
     def add_server_address(self, address: str) -> None:
         """An address of the fake internet (on its loopback, so only the lab reaches it)."""
-        self._sh("ip", "-n", self.net_ns, "addr", "add", f"{address}/32", "dev", "lo")
+        bits = 128 if ":" in address else 32
+        self._sh("ip", "-n", self.net_ns, "addr", "add", f"{address}/{bits}", "dev", "lo")
 
     # ---------------------------------------------------------------- running
 
@@ -157,7 +162,8 @@ class Lab:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             out = self._sh(*self._exec(self.net_ns, ["ss", "-Hltnu"]), check=False).stdout
-            if f"{address}:{port} " in out or f"{address}:{port}\t" in out:
+            where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+            if f"{where} " in out or f"{where}\t" in out:
                 return
             time.sleep(0.05)
         raise LabError(f"nothing listens on {address}:{port} in the lab after {timeout}s")
@@ -204,7 +210,7 @@ http {{
   uwsgi_temp_path {self.dir}/nginx-uwsgi;
   scgi_temp_path {self.dir}/nginx-scgi;
   server {{
-    listen {address}:443 ssl;
+    listen {f"[{address}]" if ":" in address else address}:443 ssl;
     server_name {name};
     ssl_certificate {cert};
     ssl_certificate_key {key};

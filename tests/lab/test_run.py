@@ -1,0 +1,194 @@
+"""`egress run` in the lab: the lab's task host plays the host (its uplink leads to the fake
+internet), so the run's namespace, forwarding and NAT live inside the lab, never in the root
+namespace. Real nftables, conntrack, dnsmasq upstream, nginx, curl and dig."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.lab.lab import LINK_NET
+
+EGRESS = str(Path(sys.executable).parent / "egress")
+
+PURPOSE = '''version = 1
+purpose = "Install dependencies from the lab's index"
+task = "lab-run"
+
+[[allow]]
+host = "pypi.lab"
+
+[[allow]]
+host = "pypi6.lab"
+'''
+
+CURL = "curl -sk --max-time 5 -o /dev/null -w '%{http_code} %{time_total}\\n'"
+
+
+def servers(lab):
+    lab.start_dns({"pypi.lab": "203.0.113.10", "pypi6.lab": "2001:db8::10",
+                   "evil.lab": "198.51.100.66", "other.lab": "203.0.113.20"})
+    lab.start_https("pypi.lab", "203.0.113.10")
+    lab.start_https("pypi6.lab", "2001:db8::10")
+    lab.start_https("mirror.lab", "203.0.113.20")
+    lab.start_https("mirror6.lab", "2001:db8::20")
+
+
+def egress_run(lab, script: str, mode: str = "enforce", timeout: float = 90):
+    purpose = lab.dir / "purpose.toml"
+    purpose.write_text(PURPOSE)
+    return lab.host(EGRESS, "run", "--task", "lab-run", "--purpose", purpose, "--mode", mode,
+                    "--db", lab.dir / "egress.db", "--", "sh", "-c", script,
+                    timeout=timeout, check=False)
+
+
+def stored(lab) -> list[dict]:
+    out = subprocess.run([EGRESS, "audit", "--json", "--db", str(lab.dir / "egress.db")],
+                         capture_output=True, text=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def outputs(text: str) -> list[tuple[str, float]]:
+    return [(w[0], float(w[1])) for w in (line.split() for line in text.splitlines())
+            if len(w) == 2 and w[0].isdigit()]
+
+
+def flows_to(records, dst):
+    return [r for r in records if r.get("kind") == "flow" and r["dst"] == dst]
+
+
+def test_enforce_passes_the_purpose_and_rejects_the_rest_fast(lab):
+    servers(lab)
+    done = egress_run(lab, f"{CURL} https://pypi.lab/; {CURL} https://203.0.113.20/; "
+                           "getent hosts evil.lab || echo refused")
+    assert done.returncode == 0, done.stderr
+    (allowed, bare) = outputs(done.stdout)
+    assert allowed[0] == "200"
+    assert bare[0] == "000" and bare[1] < 1.0          # rejected at once, not timed out
+    assert "refused" in done.stdout
+    # the refused name never left: the upstream server never saw it
+    upstream_log = (lab.dir / "dnsmasq.log").read_text()
+    assert "pypi.lab" in upstream_log and "evil.lab" not in upstream_log
+    records = stored(lab)
+    (index,) = flows_to(records, "203.0.113.10")
+    assert index["verdict"] == "allow" and index["tls"]["sni"] == "pypi.lab"
+    assert index["task"] == "lab-run" and index["observed"] == "first-packets"
+    (direct,) = flows_to(records, "203.0.113.20")
+    assert direct["verdict"] == "block"
+    assert "undeclared-destination" in {f["id"] for f in direct["findings"]}
+    refused = [r for r in records if r.get("event") == "dns-refused"]
+    assert refused and refused[0]["findings"][0]["evidence"]["name"] == "evil.lab"
+
+
+def test_dns_to_another_resolver_is_blocked_over_udp_and_tcp(lab):
+    servers(lab)
+    done = egress_run(lab, f"dig +time=2 +tries=1 @{LINK_NET} other.lab; echo udp=$?; "
+                           f"dig +tcp +time=2 +tries=1 @{LINK_NET} other.lab; echo tcp=$?; "
+                           "dig +short pypi.lab")
+    assert "udp=9" in done.stdout and "tcp=9" in done.stdout, done.stdout
+    assert "203.0.113.10" in done.stdout                 # its own resolver answers
+    assert "other.lab" not in (lab.dir / "dnsmasq.log").read_text()
+
+
+def test_ipv6_is_enforced_like_ipv4(lab):
+    servers(lab)
+    done = egress_run(lab, f"{CURL} -6 https://pypi6.lab/; {CURL} -6 'https://[2001:db8::20]/'")
+    (allowed, bare) = outputs(done.stdout)
+    assert allowed[0] == "200", done.stdout + done.stderr
+    assert bare[0] == "000" and bare[1] < 1.0
+    assert flows_to(stored(lab), "2001:db8::20")[0]["verdict"] == "block"
+
+
+def test_audit_mode_passes_and_flags(lab):
+    servers(lab)
+    done = egress_run(lab, f"{CURL} https://pypi.lab/; {CURL} https://203.0.113.20/",
+                      mode="audit")
+    assert [code for code, _ in outputs(done.stdout)] == ["200", "200"]
+    (direct,) = flows_to(stored(lab), "203.0.113.20")
+    assert direct["verdict"] == "flag" and direct["mode"] == "audit"
+
+
+@pytest.fixture
+def docker_sock():
+    """A stand-in docker.sock in the host's mount namespace (Docker is absent here)."""
+    path = Path("/run/docker.sock")
+    if path.exists():
+        pytest.skip("a real /run/docker.sock exists; not replacing it")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    os.chmod(path, 0o666)
+    server.listen()
+    yield path
+    server.close()
+    path.unlink()
+
+
+ESCAPES = r'''
+H=$(awk '/nameserver/ {print $2; exit}' /etc/resolv.conf)
+sudo -n true 2>/dev/null && echo ESCAPED sudo
+systemd-run --user true 2>/dev/null && echo ESCAPED systemd-run
+python3 -c "import socket; s=socket.socket(socket.AF_UNIX); s.connect('/run/docker.sock')" \
+    2>/dev/null && echo ESCAPED docker.sock
+timeout 3 bash -c "echo > /dev/tcp/$H/2222" 2>/dev/null && echo ESCAPED host-ssh
+kill -0 __HOSTPID__ 2>/dev/null && echo ESCAPED sees-host-process
+test -e /proc/__HOSTPID__ && echo ESCAPED proc
+python3 -c "import socket; socket.socket(40, socket.SOCK_STREAM)" 2>/dev/null \
+    && echo ESCAPED vsock
+ls /run/netns 2>/dev/null | grep -q . && echo ESCAPED netns
+python3 -c "import os; print('fds', sorted(os.listdir('/proc/self/fd')))"
+id -u
+echo checked
+'''
+
+
+def test_escapes_fail_inside_the_task(lab, docker_sock):
+    servers(lab)
+    # a listener on the host (the lab's task host) and a process of the task's own uid there
+    listener = lab.spawn("host", sys.executable, "-c",
+                         "import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 2222)); "
+                         "s.listen(); time.sleep(60)", log="listener.log")
+    same_uid = subprocess.Popen(["setpriv", "--reuid", "egress-task", "--regid", "egress-task",
+                                 "--clear-groups", "sleep", "60"], start_new_session=True)
+    try:
+        time.sleep(0.3)
+        done = egress_run(lab, ESCAPES.replace("__HOSTPID__", str(same_uid.pid)))
+    finally:
+        os.killpg(same_uid.pid, signal.SIGKILL)
+        same_uid.wait()
+        lab.stop(listener)
+    assert "checked" in done.stdout, done.stdout + done.stderr
+    assert "ESCAPED" not in done.stdout, done.stdout
+    assert "fds ['0', '1', '2', '3']" in done.stdout     # stdio, and listdir's own
+    assert int(done.stdout.split("fds")[1].splitlines()[1]) not in (0, os.getuid())
+
+
+def test_a_killed_auditor_leaves_the_task_no_egress(lab):
+    servers(lab)
+    purpose = lab.dir / "purpose.toml"
+    purpose.write_text(PURPOSE)
+    # one lookup puts the index's address in the task's set (for 30 s, the TTL floor)
+    loop = ("getent hosts pypi.lab; for i in $(seq 1 40); do "
+            f"{CURL.replace('max-time 5', 'max-time 1')} "
+            "--resolve pypi.lab:443:203.0.113.10 https://pypi.lab/; sleep 0.5; done")
+    run = lab.spawn("host", EGRESS, "run", "--task", "lab-run", "--purpose", purpose,
+                    "--mode", "enforce", "--no-store", "--", "sh", "-c", loop, log="run.log")
+    lab.wait_log("run.log", "200 ")
+    run.send_signal(signal.SIGKILL)       # `ip netns exec` became egress: this is the auditor
+    run.wait()
+    killed = time.monotonic()
+    time.sleep(5 + 3)                     # the switch's timeout, and a margin
+    log = (lab.dir / "run.log").read_text()
+    before = len(outputs(log))
+    time.sleep(4)                         # a dropped SYN: each try takes its 1 s timeout
+    after = outputs((lab.dir / "run.log").read_text())[before:]
+    assert after and all(code == "000" for code, _ in after), (after, time.monotonic() - killed)
+    cleaned = lab.host(EGRESS, "cleanup")
+    assert "lab-run" in cleaned.stdout and "processes stopped" in cleaned.stdout
+    assert "egress-" not in lab.host("ip", "netns", "list").stdout.replace(lab.host_ns, "")
+    assert lab.host(EGRESS, "cleanup").stdout.startswith("nothing to clean")
