@@ -74,9 +74,6 @@ class RunResult:
 def preflight(purpose_path: str | None, user: sandbox.TaskUser) -> None:
     """Refuse to start where the sandbox cannot hold: not root, or a manifest the task
     itself could rewrite."""
-    if os.geteuid() != 0:
-        raise RunError("egress run needs root (it makes network namespaces and loads "
-                       "nftables rules: CAP_NET_ADMIN and CAP_SYS_ADMIN)")
     if purpose_path:
         path = Path(purpose_path).resolve()
         for part in [path, *path.parents]:
@@ -182,6 +179,9 @@ class TaskRun:
         from egress.enforce import recording
         from egress.enforce.nflog import NflogReader
         opts = self.opts
+        if os.geteuid() != 0:
+            raise RunError("egress run needs root (it makes network namespaces and loads "
+                           "nftables rules: CAP_NET_ADMIN and CAP_SYS_ADMIN)")
         user = sandbox.task_user(opts.user, sandbox.caller_uid())
         preflight(self.purpose_path, user)
         upstream = opts.upstream or host_upstream()
@@ -218,7 +218,7 @@ class TaskRun:
                                 on_allow=lambda name, addrs: self._allow(rules, name, addrs),
                                 on_event=self._event,
                                 on_binding=lambda b: items.put(("binding", b)),
-                                min_ttl=opts.min_ttl)
+                                min_ttl=opts.min_ttl, host_addresses=tasknet.host_addresses())
             resolver.start()
             resolv = tasknet.STATE / f"{net.netns}.resolv.conf"
             resolv.write_text(f"nameserver {net.host4}\nnameserver {net.host6}\n")

@@ -157,6 +157,14 @@ def default_uplink() -> str:
     raise NetError("no default route: name the uplink (configuration key uplink)")
 
 
+def host_addresses() -> list[str]:
+    """Every address on the host's interfaces: a DNS answer naming one is refused."""
+    out = []
+    for entry in json.loads(sh("ip", "-j", "addr", "show") or "[]"):
+        out += [a["local"] for a in entry.get("addr_info", []) if "local" in a]
+    return out
+
+
 def _sysctl_path(name: str) -> Path:
     return Path("/proc/sys") / name.replace(".", "/")
 

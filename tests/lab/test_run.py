@@ -192,3 +192,42 @@ def test_a_killed_auditor_leaves_the_task_no_egress(lab):
     assert "lab-run" in cleaned.stdout and "processes stopped" in cleaned.stdout
     assert "egress-" not in lab.host("ip", "netns", "list").stdout.replace(lab.host_ns, "")
     assert lab.host(EGRESS, "cleanup").stdout.startswith("nothing to clean")
+
+
+def test_signals_pass_through_and_the_exit_status_comes_back(lab):
+    servers(lab)
+    purpose = lab.dir / "purpose.toml"
+    purpose.write_text(PURPOSE)
+    script = "trap 'echo got TERM; exit 3' TERM; echo ready; sleep 30 & wait"
+    run = lab.spawn("host", EGRESS, "run", "--task", "lab-run", "--purpose", purpose,
+                    "--no-store", "--", "bash", "-c", script, log="signal.log")
+    lab.wait_log("signal.log", "ready")
+    run.send_signal(signal.SIGTERM)       # to the auditor, which passes it on
+    assert run.wait(timeout=20) == 3
+    assert "got TERM" in (lab.dir / "signal.log").read_text()
+
+
+def test_fail_on_violation_exits_10(lab):
+    servers(lab)
+    purpose = lab.dir / "purpose.toml"
+    purpose.write_text(PURPOSE)
+    base = [EGRESS, "run", "--task", "lab-run", "--purpose", purpose, "--no-store"]
+    clean = lab.host(*base, "--fail-on-violation", "--", "sh", "-c", f"{CURL} https://pypi.lab/",
+                     check=False)
+    assert clean.returncode == 0, clean.stderr
+    found = lab.host(*base, "--fail-on-violation", "--", "sh", "-c",
+                     f"{CURL} https://203.0.113.20/", check=False)
+    assert found.returncode == 10, found.stderr
+    plain = lab.host(*base, "--", "sh", "-c", f"{CURL} https://203.0.113.20/; exit 4",
+                     check=False)
+    assert plain.returncode == 4
+
+
+def test_a_manifest_the_task_can_write_is_refused(lab):
+    purpose = lab.dir / "open.toml"
+    purpose.write_text(PURPOSE)
+    os.chmod(purpose, 0o666)
+    done = lab.host(EGRESS, "run", "--task", "lab-run", "--purpose", purpose, "--no-store",
+                    "--", "true", check=False)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "can write" in done.stderr
