@@ -262,9 +262,15 @@ def run_summary(con: Console, task: str, mode, result) -> None:
     con.print(escape(f"task {task} ({mode}): command exited {result.command_status}; "
                      f"DNS {r.get('queries', 0):,} queries, {r.get('forwarded', 0):,} forwarded, "
                      f"{r.get('refused', 0):,} refused"))
-    refused = [f.evidence for e in result.events if e.event == "dns-refused" for f in e.findings]
-    for ev in refused[:20]:
-        con.print(escape(f"  refused: {getattr(ev, 'name', ev)}"))
+    refused: dict[str, list[str]] = {}
+    for e in result.events:
+        for f in e.findings:
+            if e.event == "dns-refused":
+                refused.setdefault(f.evidence.name, []).append(f.evidence.qtype or "?")
+    for name, types in list(refused.items())[:20]:
+        con.print(escape(f"  refused: {name} ({', '.join(sorted(set(types)))})"))
+    if len(refused) > 20:
+        con.print(f"  ... and {len(refused) - 20:,} more names refused")
     for line in result.losses:
         con.print(escape(f"warning: {line}"))
 
