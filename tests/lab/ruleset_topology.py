@@ -14,9 +14,13 @@ test fails.
 This file is also a small stdlib-only script run inside the namespaces (by
 root or by a task uid, with any Python 3):
 
-    python3 ruleset_topology.py serve tcp:203.0.113.10:443 udp:10.99.0.1:53 ...
+    python3 ruleset_topology.py serve tcp:203.0.113.10:443 echo:203.0.113.10:7 udp:...
     python3 ruleset_topology.py probe tcp 203.0.113.10 443 [--timeout S] [--source A]
+    python3 ruleset_topology.py hold 203.0.113.10 7     (an echo now, another per stdin line)
     python3 ruleset_topology.py nft < text          (needs the repo: egress.enforce.nft)
+
+Commands enter a namespace with ``nsenter --net`` (not ``ip netns exec``, which
+remounts /sys and hides /sys/fs/cgroup, where nft resolves cgroup paths).
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ class Topology:
     # --------------------------------------------------------------- running
 
     def in_ns(self, ns: str, *cmd) -> list[str]:
-        return ["ip", "netns", "exec", ns, *map(str, cmd)]
+        return ["nsenter", f"--net=/run/netns/{ns}", *map(str, cmd)]
 
     def spawn(self, ns: str, *cmd, log: str) -> subprocess.Popen:
         out = open(self.dir / log, "wb")
@@ -139,6 +143,7 @@ class Topology:
         """TCP greeters on the net's addresses (443), a DNS-like echo on 10.99.0.1:53 (the
         wrong resolver) and on the host's 10.213.0.1:53 (the task's resolver)."""
         self.serve(self.net_ns, *[f"tcp:{a}:443" for a in SERVERS4 + SERVERS6],
+                   f"echo:{SERVERS4[0]}:7",
                    f"tcp:{UP_NET4}:53", f"udp:{UP_NET4}:53", "udp:203.0.113.10:5353")
         self.serve(self.host_ns, f"udp:{HOST4}:53", f"udp:{HOST4}:54")
         deadline = time.monotonic() + 10
@@ -148,9 +153,11 @@ class Topology:
                     raise TopologyError(f"the task cannot reach {address} before any rule")
 
     def probe(self, proto: str, address: str, port: int, timeout: float = 2.0,
-              source: str | None = None, ns: str | None = None, uid: int | None = None) -> dict:
+              source: str | None = None, ns: str | None = None, uid: int | None = None,
+              cgroup: Path | None = None) -> dict:
         """Try ``proto`` to address:port from the task namespace (or ``ns``), as root or
-        as ``uid``; ``{"result": ok|refused|unreachable|timeout|..., "seconds": s}``."""
+        as ``uid``, from a process moved into ``cgroup`` (a cgroup2 directory) if given;
+        ``{"result": ok|refused|unreachable|timeout|..., "seconds": s}``."""
         cmd = [sys.executable, SCRIPT, "probe", proto, address, str(port),
                "--timeout", str(timeout)]
         if source:
@@ -158,8 +165,30 @@ class Topology:
         if uid is not None:   # the venv's Python lives under /root; any Python 3 runs this
             cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                    "/usr/bin/python3", *cmd[1:]]
+        if cgroup is not None:
+            cmd = ["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec "$@"', "sh", *cmd]
         got = self.sh(*self.in_ns(ns or self.task_ns, *cmd), timeout=timeout + 20)
         return json.loads(got.stdout)
+
+    @contextlib.contextmanager
+    def held(self, address: str, port: int = 7):
+        """A TCP flow from the task held open: yields ``(first, then)``, the first
+        exchange's outcome and a callable running a second exchange on the same flow."""
+        proc = subprocess.Popen(self.in_ns(self.task_ns, sys.executable, SCRIPT, "hold",
+                                           address, str(port)),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        self.procs.append(proc)
+        try:
+            first = json.loads(proc.stdout.readline() or "{}")
+
+            def then() -> dict:
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                return json.loads(proc.stdout.readline() or "{}")
+            yield first, then
+        finally:
+            self.stop(proc)
 
     def ping(self, address: str, ns: str | None = None) -> str:
         got = self.sh(*self.in_ns(ns or self.task_ns, "ping", "-n", "-c", "1", "-W", "2",
@@ -201,18 +230,19 @@ class Topology:
 # ------------------------------------------------------- the script's side
 
 def _serve(listeners: list[str]) -> None:
-    """TCP: greet each connection with ``hi\\n`` and close; UDP: echo each datagram."""
+    """tcp: greet each connection with ``hi\\n`` and close; echo: echo over TCP until the
+    peer closes; udp: echo each datagram."""
     import selectors
     sel = selectors.DefaultSelector()
     for spec in listeners:
         proto, rest = spec.split(":", 1)
         address, port = rest.rsplit(":", 1)
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
         s = socket.socket(family, kind)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((address, int(port)))
-        if proto == "tcp":
+        if proto != "udp":
             s.listen(64)
         sel.register(s, selectors.EVENT_READ, proto)
     print("ready", flush=True)
@@ -224,6 +254,20 @@ def _serve(listeners: list[str]) -> None:
                 with contextlib.suppress(OSError):
                     conn.sendall(b"hi\n")
                 conn.close()
+            elif key.data == "echo":
+                conn, _ = s.accept()
+                sel.register(conn, selectors.EVENT_READ, "conn")
+            elif key.data == "conn":
+                try:
+                    data = s.recv(2048)
+                except OSError:
+                    data = b""
+                if data:
+                    with contextlib.suppress(OSError):
+                        s.sendall(data)
+                else:
+                    sel.unregister(s)
+                    s.close()
             else:
                 data, peer = s.recvfrom(2048)
                 s.sendto(data, peer)
@@ -258,6 +302,31 @@ def _probe(proto: str, address: str, port: int, timeout: float, source: str | No
     return {"result": result, "seconds": round(time.monotonic() - start, 3)}
 
 
+def _exchange(s: socket.socket) -> dict:
+    start = time.monotonic()
+    try:
+        s.sendall(b"ping\n")
+        result = "ok" if s.recv(16) == b"ping\n" else "closed"
+    except ConnectionResetError:
+        result = "reset"
+    except socket.timeout:
+        result = "timeout"
+    except OSError as e:
+        result = f"error:{e.errno}"
+    return {"result": result, "seconds": round(time.monotonic() - start, 3)}
+
+
+def _hold(address: str, port: int) -> None:
+    """One TCP flow: an exchange, then another for each line arriving on stdin."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(3)
+        s.connect((address, port))
+        print(json.dumps(_exchange(s)), flush=True)
+        while sys.stdin.readline():
+            print(json.dumps(_exchange(s)), flush=True)
+
+
 def _main(argv: list[str]) -> int:
     if argv[0] == "serve":
         _serve(argv[1:])
@@ -271,6 +340,8 @@ def _main(argv: list[str]) -> int:
         ap.add_argument("--source")
         a = ap.parse_args(argv[1:])
         print(json.dumps(_probe(a.proto, a.address, a.port, a.timeout, a.source)))
+    elif argv[0] == "hold":
+        _hold(argv[1], int(argv[2]))
     elif argv[0] == "nft":
         sys.path.insert(0, str(ROOT))
         from egress.enforce.nft import Nft, NftError

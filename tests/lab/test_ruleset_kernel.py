@@ -8,11 +8,14 @@ or gets no answer at all.
 """
 
 import os
+import secrets
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
+from egress.enforce import ruleset
 from egress.enforce.ruleset import (Match, TaskRules, arm_deadman, elements_for_name,
                                     generate_nft, names, refresh_elements, remove_nft)
 from tagging import manifest
@@ -41,7 +44,8 @@ def topo(tmp_path):
     if os.geteuid() != 0:
         problem = "the rule lab needs root (network namespaces, nftables)"
     else:
-        missing = [t for t in ("ip", "ping", "setpriv", "sysctl") if shutil.which(t) is None]
+        missing = [t for t in ("ip", "nsenter", "ping", "setpriv", "sysctl", "conntrack")
+                   if shutil.which(t) is None]
         if missing:
             problem = f"the rule lab needs {', '.join(missing)} (tests/system-deps.sh)"
     if problem:
@@ -83,6 +87,22 @@ def test_enforce_allows_what_the_resolver_admitted_and_rejects_the_rest_fast(top
     assert rejected_fast(topo.probe("udp", ALLOWED, 5353), "unreachable")
     assert topo.ping(ALLOWED) == "ok"
     assert topo.ping(OTHER) == "filtered"
+    # Neighbour discovery between the task and the host still works under the rules.
+    for ns in (topo.task_ns, topo.host_ns):
+        topo.sh("ip", "-n", ns, "-6", "neigh", "flush", "all")
+    assert topo.probe("tcp", ALLOWED6, 443)["result"] == "ok"
+
+
+def test_a_flow_whose_conntrack_mark_says_block_is_reset(topo):
+    r = task_rules(topo)
+    topo.nft(generate_nft(r))
+    topo.nft(refresh_elements(r, ALLOWED, [("tcp", 7, 7)], 60))
+    with topo.held(ALLOWED, 7) as (first, then):
+        assert first["result"] == "ok"
+        assert then()["result"] == "ok"                  # established: passes
+        topo.sh("nsenter", f"--net=/run/netns/{topo.host_ns}", "conntrack", "-U", "-p", "tcp",
+                "-d", ALLOWED, "--dport", "7", "--mark", str(r.block_mark))
+        assert then()["result"] == "reset"
 
 
 def test_dns_only_to_the_task_resolver(topo):
@@ -175,3 +195,34 @@ def test_remove_takes_one_task_out_and_leaves_the_other(topo):
     assert rejected_fast(topo.probe("tcp", OTHER, 443, ns=topo.host_ns, uid=TASK_UID))
     listing = topo.nft("list table inet egress")
     assert names(iface.task) not in listing and names(uid.task) in listing
+
+
+def test_cgroup_match_filters_sockets_of_processes_in_that_cgroup(topo):
+    mount = ruleset.cgroup2_mount()
+    if mount is None or not mount.startswith(ruleset.CGROUP_ROOT):
+        pytest.skip("no cgroup2 under /sys/fs/cgroup")
+    group = Path(mount) / f"egrs{topo.id}{secrets.token_hex(2)}"
+    group.mkdir()
+    try:
+        r = TaskRules(task="lab-cgroup", purpose=PURPOSE, match=Match.parse(f"cgroup:{group}"),
+                      mode="enforce", resolver4=HOST4, deadman_seconds=60)
+        host = topo.host_ns
+        assert topo.probe("tcp", OTHER, 443, ns=host, cgroup=group)["result"] == "ok"
+        topo.nft(generate_nft(r))
+        allow(topo, r, ALLOWED)
+        assert topo.probe("tcp", ALLOWED, 443, ns=host, cgroup=group)["result"] == "ok"
+        assert rejected_fast(topo.probe("tcp", OTHER, 443, ns=host, cgroup=group))
+        assert topo.probe("tcp", OTHER, 443, ns=host)["result"] == "ok"   # not in the cgroup
+        counters = topo.nft(f"list chain inet egress {names(r.task)}_egress")
+        assert "egress deny lab-cgroup" in counters and "packets 0 " not in \
+            [line for line in counters.splitlines() if "egress deny" in line][0]
+    finally:
+        deadline = time.monotonic() + 5
+        while True:                       # its processes have exited; the kernel may lag
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
