@@ -26,7 +26,8 @@ def nflog_message(seq: int) -> bytes:
         nl.nla(nl.NFULA_PACKET_HDR, struct.pack(">HBB", 0x0800, 3, 0)),
         nl.nla(nl.NFULA_MARK, struct.pack(">I", 0x10)),
         nl.nla(nl.NFULA_IFINDEX_OUTDEV, struct.pack(">I", 2)),
-        nl.nla(nl.NFULA_UID, struct.pack(">I", 1000)), nl.nla(nl.NFULA_GID, struct.pack(">I", 1000)),
+        nl.nla(nl.NFULA_UID, struct.pack(">I", 1000)),
+        nl.nla(nl.NFULA_GID, struct.pack(">I", 1000)),
         nl.nla(nl.NFULA_PAYLOAD, PACKET), nl.nla(nl.NFULA_PREFIX, b"egress-first\0"),
         nl.nla(nl.NFULA_SEQ, struct.pack(">I", seq)),
         nl.nla(nl.NFULA_SEQ_GLOBAL, struct.pack(">I", seq)))), family=socket.AF_INET, res_id=7)

@@ -46,8 +46,9 @@ CTA_MARK, CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY, CTA_ID = 8, 9, 10, 12
 CTA_TIMESTAMP, CTA_MARK_MASK = 20, 21
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
-(CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT, CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE,
- CTA_PROTO_ICMP_CODE, CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE) = range(1, 10)
+(CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT, CTA_PROTO_ICMP_ID,
+ CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE, CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE,
+ CTA_PROTO_ICMPV6_CODE) = range(1, 10)
 CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2
 CTA_TIMESTAMP_START, CTA_TIMESTAMP_STOP = 1, 2
 
@@ -56,8 +57,8 @@ GROUPS = {"new": NFNLGRP_CONNTRACK_NEW, "update": NFNLGRP_CONNTRACK_UPDATE,
 _U64, _U32, _U16 = struct.Struct(">Q"), struct.Struct(">I"), struct.Struct(">H")
 _ADDRS = {CTA_IP_V4_SRC: (4, "src"), CTA_IP_V4_DST: (4, "dst"),
           CTA_IP_V6_SRC: (6, "src"), CTA_IP_V6_DST: (6, "dst")}
-_PROTO = {CTA_PROTO_SRC_PORT: ("sport", _U16), CTA_PROTO_DST_PORT: ("dport", _U16),
-          CTA_PROTO_ICMP_ID: ("icmp_id", _U16), CTA_PROTO_ICMPV6_ID: ("icmp_id", _U16)}
+_PROTO_U16 = {CTA_PROTO_SRC_PORT: "sport", CTA_PROTO_DST_PORT: "dport",
+              CTA_PROTO_ICMP_ID: "icmp_id", CTA_PROTO_ICMPV6_ID: "icmp_id"}
 _PROTO_U8 = {CTA_PROTO_NUM: "proto", CTA_PROTO_ICMP_TYPE: "icmp_type",
              CTA_PROTO_ICMP_CODE: "icmp_code", CTA_PROTO_ICMPV6_TYPE: "icmp_type",
              CTA_PROTO_ICMPV6_CODE: "icmp_code"}
@@ -96,10 +97,13 @@ class CtEvent:
 
 
 def _tuple(raw: bytes) -> tuple[CtTuple, int]:
+    """A CTA_TUPLE_ORIG/REPLY nest: CTA_TUPLE_IP and CTA_TUPLE_PROTO, each a nest."""
     top, bad = attrs(raw, 0, len(raw))
+    ip, proto = top.get(CTA_TUPLE_IP, b""), top.get(CTA_TUPLE_PROTO, b"")
+    ip, more = attrs(ip, 0, len(ip))
+    proto, more2 = attrs(proto, 0, len(proto))
+    bad += more + more2
     t = CtTuple()
-    ip, more = attrs(top.get(CTA_TUPLE_IP, b""), 0, len(top.get(CTA_TUPLE_IP, b"")))
-    bad += more
     for key, value in ip.items():
         if key in _ADDRS:
             fam, side = _ADDRS[key]
@@ -107,22 +111,16 @@ def _tuple(raw: bytes) -> tuple[CtTuple, int]:
                 bad += 1
                 continue
             t.family = fam
-            setattr(t, side, socket.inet_ntop(socket.AF_INET if fam == 4 else socket.AF_INET6,
-                                              value))
-    proto, more = attrs(top.get(CTA_TUPLE_PROTO, b""), 0, len(top.get(CTA_TUPLE_PROTO, b"")))
-    bad += more
+            af = socket.AF_INET if fam == 4 else socket.AF_INET6
+            setattr(t, side, socket.inet_ntop(af, value))
     for key, value in proto.items():
-        if key in _PROTO_U8:
-            if len(value) != 1:
-                bad += 1
-                continue
-            setattr(t, _PROTO_U8[key], value[0])
-        elif key in _PROTO:
-            name, fmt = _PROTO[key]
-            if len(value) != fmt.size:
-                bad += 1
-                continue
-            setattr(t, name, fmt.unpack(value)[0])
+        name, size = (_PROTO_U8[key], 1) if key in _PROTO_U8 else (_PROTO_U16.get(key), 2)
+        if name is None:
+            continue
+        if len(value) != size:
+            bad += 1
+            continue
+        setattr(t, name, value[0] if size == 1 else _U16.unpack(value)[0])
     return t, bad
 
 
@@ -138,7 +136,8 @@ def _pair(raw: bytes, first: int, second: int) -> tuple[int | None, int | None, 
     return out[0], out[1], bad
 
 
-def parse_event(buf: bytes, mtype: int, flags: int, start: int, end: int) -> tuple[CtEvent | None, int]:
+def parse_event(buf: bytes, mtype: int, flags: int, start: int,
+                end: int) -> tuple[CtEvent | None, int]:
     """One ctnetlink message body -> (event or None when not a conntrack entry, malformed)."""
     msg = mtype & 0xFF
     if mtype >> 8 != NFNL_SUBSYS_CTNETLINK or msg > IPCTNL_MSG_CT_DELETE:
@@ -211,6 +210,7 @@ class ConntrackEvents:
         self.lost = 0
         self.decoder = CtDecoder()
         self._out: list[CtEvent] = []
+        self._buf = bytearray(RECV_SIZE)
         self.sock, self.rcvbuf = open_socket(rcvbuf)
         try:
             if reliable:
@@ -230,7 +230,7 @@ class ConntrackEvents:
     def read(self, timeout: float | None = 1.0, max_datagrams: int = 1024) -> list[CtEvent]:
         """Events so far: waits up to ``timeout`` seconds for the first, then takes what is
         queued without waiting. Never raises for a malformed message."""
-        self.lost += receive(self.sock, timeout, self._handle, max_datagrams)
+        self.lost += receive(self.sock, self._buf, timeout, self._handle, max_datagrams)
         out, self._out = self._out, []
         return out
 

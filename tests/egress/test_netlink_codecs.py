@@ -121,16 +121,20 @@ def test_nla_and_nfmsg_agree_with_hand_built_bytes():
 CT_NEW, CT_DELETE, CT_GET = (1 << 8) | 0, (1 << 8) | 2, (1 << 8) | 1
 
 
+def ports(proto: int, sport: int, dport: int) -> bytes:
+    return attr(1, bytes([proto])) + attr(2, struct.pack(">H", sport)) \
+        + attr(3, struct.pack(">H", dport))
+
+
 def tuple_v4(src, dst, proto, sport, dport) -> bytes:
     ip = attr(1, socket.inet_aton(src)) + attr(2, socket.inet_aton(dst))
-    l4 = attr(1, bytes([proto])) + attr(2, struct.pack(">H", sport)) + attr(3, struct.pack(">H", dport))
-    return attr(1, ip, nested=True) + attr(2, l4, nested=True)
+    return attr(1, ip, nested=True) + attr(2, ports(proto, sport, dport), nested=True)
 
 
 def tuple_v6(src, dst, proto, sport, dport) -> bytes:
-    ip = attr(3, socket.inet_pton(socket.AF_INET6, src)) + attr(4, socket.inet_pton(socket.AF_INET6, dst))
-    l4 = attr(1, bytes([proto])) + attr(2, struct.pack(">H", sport)) + attr(3, struct.pack(">H", dport))
-    return attr(1, ip, nested=True) + attr(2, l4, nested=True)
+    v6 = socket.AF_INET6
+    ip = attr(3, socket.inet_pton(v6, src)) + attr(4, socket.inet_pton(v6, dst))
+    return attr(1, ip, nested=True) + attr(2, ports(proto, sport, dport), nested=True)
 
 
 def counters(packets: int, nbytes: int) -> bytes:
@@ -160,7 +164,8 @@ def test_destroy_event_v6_udp_with_counters_and_timestamps():
                    nested=True))
     [ev] = ct.CtDecoder().feed(message(CT_DELETE, body, family=10))
     assert ev.kind == "destroy" and ev.orig.family == 6 and ev.orig.dst == "2001:db8::1"
-    assert (ev.orig_packets, ev.orig_bytes, ev.reply_packets, ev.reply_bytes) == (3, 2**40 + 5, 2, 300)
+    assert (ev.orig_packets, ev.orig_bytes, ev.reply_packets, ev.reply_bytes) == \
+        (3, 2**40 + 5, 2, 300)
     assert (ev.start_ns, ev.stop_ns, ev.mark) == (10**18, 10**18 + 7, 0)
 
 

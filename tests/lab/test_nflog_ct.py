@@ -111,7 +111,8 @@ class ClosedLab:
             self.sh("ip", "-n", ns, "link", "set", "lo", "up")
             # no duplicate address detection on the new veth (its link-local address too):
             # a tentative address delays the first IPv6 packet by a second
-            self.sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+            self.sh("ip", "netns", "exec", ns, "sysctl", "-qw",
+                    "net.ipv6.conf.default.accept_dad=0")
         self.sh("ip", "-n", self.a, "link", "add", "vA", "type", "veth", "peer", "name", "vB",
                 "netns", self.b)
         for ns, dev, v4, v6 in ((self.a, "vA", A_ADDR, A_ADDR6), (self.b, "vB", B_ADDR, B_ADDR6)):
