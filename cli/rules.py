@@ -63,6 +63,7 @@ def generate(purpose_file, match_text, task, mode, fmt, resolver, task_address,
 
     Names in host rules are allowed per address as the task's resolver
     answers, so printed rules allow no name until a resolver fills the sets.
+    Loading them by hand, give --deadman 0: nothing re-arms the switch.
 
     \b
     Examples:

@@ -9,6 +9,12 @@ removing a task touches nothing else:
     output_filter  (hook output)   meta skuid vmap @dispatch_uid       uid tasks
                                    socket cgroupv2 level L vmap @dispatch_cgroup_lL
 
+A task's objects are named from ``names(task)`` (``t_fix_1234_d6a723b4``):
+chains ``<p>_egress`` (forward or output) and ``<p>_input`` (interface tasks);
+sets ``<p>_live`` (dead-man's switch), ``<p>_h4``/``<p>_h6`` (address . proto
+. port, timeouts), ``<p>_r4_N``/``<p>_r6_N`` (addresses for the Nth port range),
+``<p>_i4``/``<p>_i6`` (ICMP), ``<p>_c4_N``/``<p>_c6_N`` (CIDR rules, static).
+
 A task's egress chain, in order (a task's traffic never skips a step):
 
     0. dead-man's switch: the task's key must be in its ``live`` set, whose
@@ -17,8 +23,13 @@ A task's egress chain, in order (a task's traffic never skips a step):
     1. conntrack mark & mask == block value: reject (TCP reset)
     2. established, related: accept
     3. DNS (udp and tcp 53) only to the task's resolver; all other DNS rejected
+       (in audit mode too: live, names bind only through our resolver)
     4. new flows to allowed (address, transport, port): accept
     5. the rest: NFLOG, then reject (enforce) or accept (audit)
+
+Interface tasks also get an input chain: from the task's veth only DNS to the
+resolver and neighbour discovery reach the host (after the same switch and
+anti-spoofing); the rest is logged and dropped.
 
 Why the allow sets hold no intervals: nft accepts ``flags interval, timeout``
 on a concatenation here (checked on 6.18), but such a set refuses an element
@@ -215,7 +226,7 @@ class TaskRules:
 def names(task: str) -> str:
     """The prefix of a task's chains and sets: a plain nft identifier, unique per task id.
 
-    ``fix-1234`` -> ``t_fix_1234_5a1f03c2`` (sanitised, cut short, and a hash of the id).
+    ``fix-1234`` -> ``t_fix_1234_d6a723b4`` (sanitised, cut short, and a hash of the id).
     """
     clean = re.sub(r"[^A-Za-z0-9]+", "_", task)[:24].strip("_")
     digest = hashlib.sha256(task.encode()).hexdigest()[:8]
