@@ -381,7 +381,7 @@ def run(*cmd, input=None, check=True):
 @pytest.fixture
 def netns():
     """A scratch network namespace, removed after the test; its name."""
-    need_root("nft")
+    need_root("nft", "nsenter")
     name = f"egrs{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
     run("ip", "netns", "add", name)
     try:
