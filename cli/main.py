@@ -313,3 +313,5 @@ if __name__ == "__main__":
 
 from cli.rules import rules_group  # noqa: E402  (after main: rules imports from here)
 main.add_command(rules_group)
+from cli.doctor import doctor  # noqa: E402
+main.add_command(doctor)
