@@ -53,6 +53,7 @@ def run(ctx, task, purpose_file, mode, user, db_url, no_store, fail_on_violation
                       mode=purpose.effective_mode(Mode(mode) if mode else None), user=user,
                       upstream=upstream, pool4=cfg.pools.ipv4, pool6=cfg.pools.ipv6,
                       min_ttl=cfg.resolver.min_ttl, nflog_group=cfg.netfilter.log_group,
+                      mark_mask=cfg.netfilter.mark_mask, priority=cfg.netfilter.priority,
                       fail_on_violation=fail_on_violation)
     from db.background import BackgroundRecorder, WriterError
     recorder = None

@@ -60,10 +60,11 @@ class Netfilter:
     """NFQUEUE number of the inline gate."""
     log_group: int = 7
     """NFLOG group that carries first packets and DNS."""
-    mark_mask: int = 0x00FF0000
+    mark_mask: int = 0x00F00000
     """Mark bits egress owns; other tools (Docker, Cilium, ...) use other bits."""
-    priority: int = -160
-    """Base priority of our nft chains."""
+    priority: int = -180
+    """Base priority of our enforcing nft chains: after conntrack (-200), before the
+    gate in mangle (-150); the recorder's chain runs just before them."""
 
 
 @dataclass(frozen=True)

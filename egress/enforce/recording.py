@@ -13,6 +13,7 @@ from __future__ import annotations
 
 TABLE = "inet egress_rec"
 PRIORITY = -190
+"""Before the enforcing chains (configuration netfilter.priority, -180 by default)."""
 SNAPLEN = 65535
 
 

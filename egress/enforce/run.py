@@ -53,7 +53,10 @@ class RunOptions:
     uplink: str | None = None
     min_ttl: int = 30
     deadman_s: int = 5
-    nflog_group: int = 0x6567
+    nflog_group: int = 7
+    """The recorder's NFLOG group; rejections are logged to the next one."""
+    mark_mask: int = 0x00F00000
+    priority: int = -180
     fail_on_violation: bool = False
 
 
@@ -192,7 +195,9 @@ class TaskRun:
                           match=Match("interface", net.host_if), mode=Mode(opts.mode).value,
                           resolver4=net.host4, resolver6=net.host6,
                           task_addr4=net.task4, task_addr6=net.task6,
-                          nflog_group=opts.nflog_group + 1, deadman_seconds=opts.deadman_s)
+                          nflog_group=opts.nflog_group + 1, deadman_seconds=opts.deadman_s,
+                          mark_mask=opts.mark_mask, block_mark=opts.mark_mask & -opts.mark_mask,
+                          priority=opts.priority)
         net.removal = remove_nft(rules) + recording.remove(net.host_if)
         net.save()
         items: queue.Queue = queue.Queue()
