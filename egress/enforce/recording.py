@@ -7,6 +7,10 @@ the purpose rejects is on the record too: conntrack reports nothing for a
 flow rejected before its entry is confirmed (KERNEL.md). Counting packets
 per direction needs conntrack accounting (``nf_conntrack_acct=1``), which
 the task network turns on.
+
+Each run reads an NFLOG group of its own (the kernel gives a group to one
+reader per namespace), so each task's interface jumps, through verdict maps,
+to chains of its own that log to its group.
 """
 
 from __future__ import annotations
@@ -17,22 +21,44 @@ PRIORITY = -190
 SNAPLEN = 65535
 
 
-def rules(group: int, packets: int) -> str:
-    """The table, its chain and the interface set; idempotent."""
+def _base() -> list[str]:
     t = TABLE
-    return f"""add table {t}
-add set {t} ifaces {{ type ifname; }}
-add chain {t} forward_record {{ type filter hook forward priority {PRIORITY}; policy accept; }}
-flush chain {t} forward_record
-add rule {t} forward_record iifname @ifaces ct direction original ct original packets <= {packets} log group {group} snaplen {SNAPLEN}
-add rule {t} forward_record oifname @ifaces ct direction reply ct reply packets <= {packets} log group {group} snaplen {SNAPLEN}
-"""
+    return [f"add table {t}",
+            f"add map {t} by_in {{ type ifname : verdict; }}",
+            f"add map {t} by_out {{ type ifname : verdict; }}",
+            f"add chain {t} forward_record {{ type filter hook forward priority {PRIORITY}; "
+            "policy accept; }",
+            f"flush chain {t} forward_record",
+            f"add rule {t} forward_record iifname vmap @by_in",
+            f"add rule {t} forward_record oifname vmap @by_out"]
 
 
-def add(interface: str) -> str:
-    return f'add element {TABLE} ifaces {{ "{interface}" }}\n'
+def _chains(interface: str) -> tuple[str, str]:
+    return f"r_{interface}_out", f"r_{interface}_back"
+
+
+def add(interface: str, group: int, packets: int) -> str:
+    """Log the first ``packets`` packets of each flow through ``interface``, each way."""
+    t, (out, back) = TABLE, _chains(interface)
+    lines = _base() + [
+        f"add chain {t} {out}", f"flush chain {t} {out}",
+        f"add rule {t} {out} ct direction original ct original packets <= {packets} "
+        f"log group {group} snaplen {SNAPLEN}",
+        f"add chain {t} {back}", f"flush chain {t} {back}",
+        f"add rule {t} {back} ct direction reply ct reply packets <= {packets} "
+        f"log group {group} snaplen {SNAPLEN}",
+        f'add element {t} by_in {{ "{interface}" : jump {out} }}',
+        f'add element {t} by_out {{ "{interface}" : jump {back} }}']
+    return "\n".join(lines) + "\n"
 
 
 def remove(interface: str) -> str:
-    """Works whether or not the element is there (added before it is deleted)."""
-    return add(interface) + f'delete element {TABLE} ifaces {{ "{interface}" }}\n'
+    """Works whether or not the task's entries are there (each added before deleted)."""
+    t, (out, back) = TABLE, _chains(interface)
+    lines = _base()
+    for vmap, chain in (("by_in", out), ("by_out", back)):
+        lines += [f"add chain {t} {chain}",
+                  f'add element {t} {vmap} {{ "{interface}" : jump {chain} }}',
+                  f'delete element {t} {vmap} {{ "{interface}" }}',
+                  f"flush chain {t} {chain}", f"delete chain {t} {chain}"]
+    return "\n".join(lines) + "\n"

@@ -54,7 +54,7 @@ class RunOptions:
     min_ttl: int = 30
     deadman_s: int = 5
     nflog_group: int = 7
-    """The recorder's NFLOG group; rejections are logged to the next one."""
+    """The first NFLOG group runs may take (two each: first packets, rejections)."""
     mark_mask: int = 0x00F00000
     priority: int = -180
     fail_on_violation: bool = False
@@ -190,12 +190,12 @@ class TaskRun:
         upstream = opts.upstream or host_upstream()
         window = live_window()
 
-        net = tasknet.create(opts.task, opts.pool4, opts.pool6, opts.uplink)
+        net = tasknet.create(opts.task, opts.pool4, opts.pool6, opts.uplink, opts.nflog_group)
         rules = TaskRules(task=opts.task, purpose=opts.purpose,
                           match=Match("interface", net.host_if), mode=Mode(opts.mode).value,
                           resolver4=net.host4, resolver6=net.host6,
                           task_addr4=net.task4, task_addr6=net.task6,
-                          nflog_group=opts.nflog_group + 1, deadman_seconds=opts.deadman_s,
+                          nflog_group=net.nflog_group + 1, deadman_seconds=opts.deadman_s,
                           mark_mask=opts.mark_mask, block_mark=opts.mark_mask & -opts.mark_mask,
                           priority=opts.priority)
         net.removal = remove_nft(rules) + recording.remove(net.host_if)
@@ -207,11 +207,11 @@ class TaskRun:
         try:
             self._nft = Nft()
             # Fail closed: rules and the switch first, then the resolver, then the command.
-            self._apply(recording.rules(opts.nflog_group, window.packets)
-                        + recording.add(net.host_if) + generate_nft(rules) + arm_deadman(rules))
+            self._apply(recording.add(net.host_if, net.nflog_group, window.packets)
+                        + generate_nft(rules) + arm_deadman(rules))
             switch = _Switch(self._apply, rules)
             switch.start()
-            reader = NflogReader(opts.nflog_group, snaplen=recording.SNAPLEN)
+            reader = NflogReader(net.nflog_group, snaplen=recording.SNAPLEN)
             logger = threading.Thread(target=self._read_log, args=(reader, items, stop_log),
                                       name="egress-nflog", daemon=True)
             logger.start()

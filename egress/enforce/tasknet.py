@@ -69,6 +69,8 @@ class TaskNet:
     """The sandbox's outer process (egress.enforce.taskinit), once started."""
     removal: str = ""
     """The nft transaction that removes the task's rules (for cleanup)."""
+    nflog_group: int = 0
+    """The run's NFLOG group (first packets); rejections go to the next one."""
 
     @property
     def host4(self) -> str:
@@ -197,8 +199,9 @@ def _uplink_sysctls(uplink: str) -> list[tuple[str, str]]:
 
 
 def create(task: str, pool4: str = DEFAULT_POOL4, pool6: str = DEFAULT_POOL6,
-           uplink: str | None = None) -> TaskNet:
-    """The task's namespace, veth, addresses, routes, forwarding and NAT."""
+           uplink: str | None = None, nflog_base: int = 7) -> TaskNet:
+    """The task's namespace, veth, addresses, routes, forwarding and NAT; and a pair of
+    NFLOG groups from ``nflog_base`` on that no other run here reads."""
     tag = secrets.token_hex(3)
     with locked():
         me = host_netns_id()
@@ -209,6 +212,9 @@ def create(task: str, pool4: str = DEFAULT_POOL4, pool6: str = DEFAULT_POOL6,
                       uplink=uplink or default_uplink(), net4=pick_subnet(pool4, 30, taken),
                       net6=pick_subnet(pool6, 64, taken), auditor_pid=os.getpid(),
                       host_netns=me)
+        used = {r.nflog_group for r in others}
+        net.nflog_group = next(g for g in range(nflog_base, nflog_base + 2 * 1024, 2)
+                               if g not in used)
         net.save()
         try:
             _build(net, others)

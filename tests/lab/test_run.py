@@ -54,6 +54,14 @@ def stored(lab) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
+def runs_left(lab) -> list[str]:
+    """Runs whose host is this lab's task host and that left a namespace or a state file
+    (other labs, of concurrent test runs, are not ours to count)."""
+    from egress.enforce.tasknet import all_runs
+    here = int(lab.host("stat", "-L", "-c", "%i", "/proc/self/ns/net").stdout)
+    return [r.netns for r in all_runs() if r.host_netns == here]
+
+
 def outputs(text: str) -> list[tuple[str, float]]:
     return [(w[0], float(w[1])) for w in (line.split() for line in text.splitlines())
             if len(w) == 2 and w[0].isdigit()]
@@ -190,7 +198,7 @@ def test_a_killed_auditor_leaves_the_task_no_egress(lab):
     assert after and all(code == "000" for code, _ in after), (after, time.monotonic() - killed)
     cleaned = lab.host(EGRESS, "cleanup")
     assert "lab-run" in cleaned.stdout and "processes stopped" in cleaned.stdout
-    assert "egress-" not in lab.host("ip", "netns", "list").stdout.replace(lab.host_ns, "")
+    assert runs_left(lab) == []
     assert lab.host(EGRESS, "cleanup").stdout.startswith("nothing to clean")
 
 
@@ -231,3 +239,22 @@ def test_a_manifest_the_task_can_write_is_refused(lab):
                     "--", "true", check=False)
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "can write" in done.stderr
+
+
+def test_two_runs_at_once_get_their_own_networks_and_rules(lab):
+    servers(lab)
+    purpose = lab.dir / "purpose.toml"
+    purpose.write_text(PURPOSE)
+    script = ("ip -4 -o addr show eth0; sleep 2; "
+              f"{CURL} https://pypi.lab/; {CURL} https://203.0.113.20/; true")
+    runs = [lab.spawn("host", EGRESS, "run", "--task", f"lab-run-{i}", "--purpose", purpose,
+                      "--mode", "enforce", "--no-store", "--", "sh", "-c", script,
+                      log=f"run-{i}.log") for i in (1, 2)]
+    assert [r.wait(timeout=60) for r in runs] == [0, 0], [(lab.dir / f"run-{i}.log").read_text() for i in (1, 2)]
+    logs = [(lab.dir / f"run-{i}.log").read_text() for i in (1, 2)]
+    subnets = {line.split()[3] for log in logs for line in log.splitlines() if " inet " in line}
+    assert len(subnets) == 2, logs                    # distinct addresses from the pool
+    for log in logs:
+        assert [code for code, _ in outputs(log)] == ["200", "000"], log
+    assert runs_left(lab) == []
+    assert lab.host("nft", "list", "table", "inet", "egress_nat", check=False).returncode != 0
