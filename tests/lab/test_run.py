@@ -210,6 +210,9 @@ def test_signals_pass_through_and_the_exit_status_comes_back(lab):
     run = lab.spawn("host", EGRESS, "run", "--task", "lab-run", "--purpose", purpose,
                     "--no-store", "--", "bash", "-c", script, log="signal.log")
     lab.wait_log("signal.log", "ready")
+    # cleanup never touches a live run
+    assert lab.host(EGRESS, "cleanup").stdout.startswith("nothing to clean")
+    assert "ready" in (lab.dir / "signal.log").read_text() and run.poll() is None
     run.send_signal(signal.SIGTERM)       # to the auditor, which passes it on
     assert run.wait(timeout=20) == 3
     assert "got TERM" in (lab.dir / "signal.log").read_text()
