@@ -225,10 +225,9 @@ class TaskRun:
                                 on_binding=lambda b: items.put(("binding", b)),
                                 min_ttl=opts.min_ttl, host_addresses=tasknet.host_addresses())
             resolver.start()
-            resolv = tasknet.STATE / f"{net.netns}.resolv.conf"
-            resolv.write_text(f"nameserver {net.host4}\nnameserver {net.host6}\n")
+            net.resolv_conf.write_text(f"nameserver {net.host4}\nnameserver {net.host6}\n")
             box = sandbox.Sandbox(net.netns_path, list(opts.argv), user,
-                                  resolv_conf=str(resolv))
+                                  resolv_conf=str(net.resolv_conf))
             box.start()
             net.task_pid = box.proc.pid
             net.save()

@@ -93,6 +93,11 @@ class TaskNet:
         return f"/run/netns/{self.netns}"
 
     @property
+    def resolv_conf(self) -> Path:
+        """The task's resolv.conf, naming its resolver (bound over /etc/resolv.conf)."""
+        return STATE / f"{self.netns}.resolv.conf"
+
+    @property
     def state_file(self) -> Path:
         return STATE / f"{self.netns}.json"
 
@@ -303,8 +308,9 @@ def _remove_unlocked(net: TaskNet) -> list[str]:
         attempt(_sysctl_path(name).write_text, before)
     if not still and _nat_exists():
         attempt(sh, "nft", "delete", "table", "inet", NAT_TABLE)     # the last run here
-    with contextlib.suppress(FileNotFoundError):
-        net.state_file.unlink()
+    for made in (net.resolv_conf, net.state_file):
+        with contextlib.suppress(FileNotFoundError):
+            made.unlink()
     return problems
 
 

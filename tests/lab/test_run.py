@@ -248,6 +248,7 @@ def test_two_runs_at_once_get_their_own_networks_and_rules(lab):
     servers(lab)
     purpose = lab.dir / "purpose.toml"
     purpose.write_text(PURPOSE)
+    resolv_before = set(Path("/run/egress/runs").glob("*.resolv.conf"))
     script = ("ip -4 -o addr show eth0; sleep 2; "
               f"{CURL} https://pypi.lab/; {CURL} https://203.0.113.20/; true")
     runs = [lab.spawn("host", EGRESS, "run", "--task", f"lab-run-{i}", "--purpose", purpose,
@@ -261,3 +262,4 @@ def test_two_runs_at_once_get_their_own_networks_and_rules(lab):
         assert [code for code, _ in outputs(log)] == ["200", "000"], log
     assert runs_left(lab) == []
     assert lab.host("nft", "list", "table", "inet", "egress_nat", check=False).returncode != 0
+    assert set(Path("/run/egress/runs").glob("*.resolv.conf")) <= resolv_before
