@@ -248,12 +248,15 @@ def test_two_runs_at_once_get_their_own_networks_and_rules(lab):
     servers(lab)
     purpose = lab.dir / "purpose.toml"
     purpose.write_text(PURPOSE)
-    resolv_before = set(Path("/run/egress/runs").glob("*.resolv.conf"))
     script = ("ip -4 -o addr show eth0; sleep 2; "
               f"{CURL} https://pypi.lab/; {CURL} https://203.0.113.20/; true")
     runs = [lab.spawn("host", EGRESS, "run", "--task", f"lab-run-{i}", "--purpose", purpose,
                       "--mode", "enforce", "--no-store", "--", "sh", "-c", script,
                       log=f"run-{i}.log") for i in (1, 2)]
+    for i in (1, 2):
+        lab.wait_log(f"run-{i}.log", " inet ")
+    made = runs_left(lab)                             # the two runs' namespaces, while live
+    assert len(made) == 2
     assert [r.wait(timeout=60) for r in runs] == [0, 0], [(lab.dir / f"run-{i}.log").read_text() for i in (1, 2)]
     logs = [(lab.dir / f"run-{i}.log").read_text() for i in (1, 2)]
     subnets = {line.split()[3] for log in logs for line in log.splitlines() if " inet " in line}
@@ -262,4 +265,4 @@ def test_two_runs_at_once_get_their_own_networks_and_rules(lab):
         assert [code for code, _ in outputs(log)] == ["200", "000"], log
     assert runs_left(lab) == []
     assert lab.host("nft", "list", "table", "inet", "egress_nat", check=False).returncode != 0
-    assert set(Path("/run/egress/runs").glob("*.resolv.conf")) <= resolv_before
+    assert not [n for n in made if Path(f"/run/egress/runs/{n}.resolv.conf").exists()]
