@@ -271,6 +271,14 @@ def run_summary(con: Console, task: str, mode, result) -> None:
         con.print(escape(f"  refused: {name} ({', '.join(sorted(set(types)))})"))
     if len(refused) > 20:
         con.print(f"  ... and {len(refused) - 20:,} more names refused")
+    g = result.gate
+    if g:
+        lat = sorted(result.gate_latency_us)
+        p50 = lat[len(lat) // 2] / 1000 if lat else 0
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000 if lat else 0
+        con.print(f"gate: {g.get('allowed', 0):,} flows allowed, {g.get('blocked', 0):,} blocked "
+                  f"before their first payload left; verdict {p50:.2f} ms median, "
+                  f"{p99:.2f} ms p99")
     for line in result.losses:
         con.print(escape(f"warning: {line}"))
 

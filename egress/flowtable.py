@@ -220,6 +220,11 @@ class FlowTable:
         elif ts >= self._next_sweep:
             self.sweep(ts)
 
+    def find(self, proto, src: bytes, dst: bytes, sport, dport, seq: int = -1) -> Flow | None:
+        """The open flow a packet with this tuple belongs to (either direction), if any."""
+        hit = self.tables.get(proto, {}).get(_key(proto, src, dst, sport, dport, seq))
+        return hit[0] if hit is not None else None
+
     def fast_ipv4(self, ts: int, buf: bytes, ip: int, end: int) -> bool:
         """Account an IPv4 packet of an open TCP or UDP flow that needs nothing but counting.
 

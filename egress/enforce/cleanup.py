@@ -77,6 +77,9 @@ def clean_dead_runs() -> list[str]:
         if net.host_netns != here or _alive(net.auditor_pid, "egress"):
             continue
         stopped = stop_task(net.task_pid)
+        if net.gate:
+            from egress.enforce import gaterules
+            gaterules.remove(**net.gate)
         remove_rules(net)
         problems = tasknet.remove(net)
         done.append(f"task {net.task}: {'processes stopped, ' if stopped else ''}"

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from egress.enforce import sandbox, tasknet
+from egress.enforce import gaterules, sandbox, tasknet
+from egress.enforce.gateproc import GateProcess, GateSpec
 from egress.enforce.nft import Nft
 from egress.detectors import live_window
 from egress.enforce.resolver import Resolver
@@ -55,6 +56,8 @@ class RunOptions:
     deadman_s: int = 5
     nflog_group: int = 7
     """The first NFLOG group runs may take (two each: first packets, rejections)."""
+    queue: int = 3
+    """The first NFQUEUE number runs may take (one each: the gate)."""
     mark_mask: int = 0x00F00000
     priority: int = -180
     fail_on_violation: bool = False
@@ -72,6 +75,10 @@ class RunResult:
     """The recorded flows' summary (egress.replay.ReplayResult), when recorded."""
     losses: list[str] = field(default_factory=list)
     """What the record may lack, one line each (lost log messages, a switch not re-armed)."""
+    gate: dict = field(default_factory=dict)
+    """The gate's counters (held, allowed, blocked, decided on ...)."""
+    gate_latency_us: list[int] = field(default_factory=list)
+    """Per judged flow: µs from reading its deciding packet to its verdict."""
 
 
 def preflight(purpose_path: str | None, user: sandbox.TaskUser) -> None:
@@ -190,7 +197,8 @@ class TaskRun:
         upstream = opts.upstream or host_upstream()
         window = live_window()
 
-        net = tasknet.create(opts.task, opts.pool4, opts.pool6, opts.uplink, opts.nflog_group)
+        net = tasknet.create(opts.task, opts.pool4, opts.pool6, opts.uplink, opts.nflog_group,
+                             opts.queue)
         rules = TaskRules(task=opts.task, purpose=opts.purpose,
                           match=Match("interface", net.host_if), mode=Mode(opts.mode).value,
                           resolver4=net.host4, resolver6=net.host6,
@@ -202,13 +210,25 @@ class TaskRun:
         net.save()
         items: queue.Queue = queue.Queue()
         judged: dict = {}
-        box = switch = resolver = reader = logger = judge = None
+        box = switch = resolver = reader = logger = judge = gate = None
         stop_log = threading.Event()
+        block, allow = gaterules.marks(opts.mark_mask)
         try:
+            # The gate first, forked before any thread of ours exists; then the rules and
+            # the switch, then the resolver, then the command: each step fails closed.
+            gate = GateProcess(GateSpec(queue=net.queue, task=opts.task, purpose=opts.purpose,
+                                        mode=Mode(opts.mode), allow_mark=allow,
+                                        block_mark=block, min_ttl=opts.min_ttl,
+                                        own_resolvers=frozenset({net.host4, net.host6})))
+            gate.wait_ready()
             self._nft = Nft()
-            # Fail closed: rules and the switch first, then the resolver, then the command.
             self._apply(recording.add(net.host_if, net.nflog_group, window.packets)
-                        + generate_nft(rules) + arm_deadman(rules))
+                        + generate_nft(rules) + arm_deadman(rules)
+                        + gaterules.post_gate(opts.mark_mask))
+            net.gate = dict(host_if=net.host_if, queue=net.queue, mask=opts.mark_mask,
+                            audit=Mode(opts.mode) is not Mode.ENFORCE)
+            net.save()
+            gaterules.add(**net.gate)
             switch = _Switch(self._apply, rules)
             switch.start()
             reader = NflogReader(net.nflog_group, snaplen=recording.SNAPLEN)
@@ -222,7 +242,7 @@ class TaskRun:
                                 [(net.host4, 53), (net.host6, 53)], upstream,
                                 on_allow=lambda name, addrs: self._allow(rules, name, addrs),
                                 on_event=self._event,
-                                on_binding=lambda b: items.put(("binding", b)),
+                                on_binding=lambda b: (gate.bind(b), items.put(("binding", b))),
                                 min_ttl=opts.min_ttl, host_addresses=tasknet.host_addresses())
             resolver.start()
             net.resolv_conf.write_text(f"nameserver {net.host4}\nnameserver {net.host6}\n")
@@ -245,6 +265,10 @@ class TaskRun:
                 resolver.stop()
             if box:
                 box.close()
+            if net.gate:
+                gaterules.remove(**net.gate)
+            if gate:
+                gate.stop()
             if self._nft:
                 try:
                     self._apply(net.removal)
@@ -261,9 +285,9 @@ class TaskRun:
                 reader.close()
             if self._nft:
                 self._nft.close()
-        return self._result(command_status, resolver, reader, switch, judged)
+        return self._result(command_status, resolver, reader, switch, judged, gate)
 
-    def _result(self, command_status, resolver, reader, switch, judged) -> RunResult:
+    def _result(self, command_status, resolver, reader, switch, judged, gate) -> RunResult:
         opts = self.opts
         if self.recorder and self.events:
             if "flows" not in judged or opts.task not in judged["flows"].tasks:
@@ -285,4 +309,6 @@ class TaskRun:
         status = 10 if (opts.fail_on_violation and violations) else command_status
         return RunResult(status=status, command_status=command_status,
                          resolver=resolver.counters if resolver else {},
-                         events=self.events, violations=violations, flows=flows, losses=losses)
+                         events=self.events, violations=violations, flows=flows, losses=losses,
+                         gate=gate.stats if gate else {},
+                         gate_latency_us=gate.latencies if gate else [])

@@ -71,6 +71,10 @@ class TaskNet:
     """The nft transaction that removes the task's rules (for cleanup)."""
     nflog_group: int = 0
     """The run's NFLOG group (first packets); rejections go to the next one."""
+    queue: int = 0
+    """The run's NFQUEUE number (the gate)."""
+    gate: dict = field(default_factory=dict)
+    """The gate's queue rules as loaded (gaterules.remove's arguments), for cleanup."""
 
     @property
     def host4(self) -> str:
@@ -204,7 +208,7 @@ def _uplink_sysctls(uplink: str) -> list[tuple[str, str]]:
 
 
 def create(task: str, pool4: str = DEFAULT_POOL4, pool6: str = DEFAULT_POOL6,
-           uplink: str | None = None, nflog_base: int = 7) -> TaskNet:
+           uplink: str | None = None, nflog_base: int = 7, queue_base: int = 3) -> TaskNet:
     """The task's namespace, veth, addresses, routes, forwarding and NAT; and a pair of
     NFLOG groups from ``nflog_base`` on that no other run here reads."""
     tag = secrets.token_hex(3)
@@ -220,6 +224,8 @@ def create(task: str, pool4: str = DEFAULT_POOL4, pool6: str = DEFAULT_POOL6,
         used = {r.nflog_group for r in others}
         net.nflog_group = next(g for g in range(nflog_base, nflog_base + 2 * 1024, 2)
                                if g not in used)
+        queues = {r.queue for r in others}
+        net.queue = next(q for q in range(queue_base, queue_base + 1024) if q not in queues)
         net.save()
         try:
             _build(net, others)

@@ -259,6 +259,27 @@ ClientAliveInterval 5
                    f"cert={cert},key={key},verify=0", f"TCP:{to}", log=f"socat-{name}.log")
         self.wait_port(address, 443)
 
+    def start_listener(self, address: str, port: int) -> Path:
+        """A TCP server that writes every byte it receives to a file (returned): what
+        reached the server, and so what left the task host."""
+        import sys
+        self.add_server_address(address)
+        got = self.dir / f"received-{address}-{port}.bin"
+        got.write_bytes(b"")
+        code = ("import socket, sys, threading\n"
+                "s = socket.create_server((sys.argv[1], int(sys.argv[2])))\n"
+                "out = open(sys.argv[3], 'ab', buffering=0)\n"
+                "def serve(c):\n"
+                "    while (data := c.recv(65536)):\n"
+                "        out.write(data)\n"
+                "    c.close()\n"
+                "while True:\n"
+                "    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()\n")
+        self.spawn("net", sys.executable, "-c", code, address, str(port), got,
+                   log=f"listener-{port}.log")
+        self.wait_port(address, port)
+        return got
+
     # ---------------------------------------------------------------- tunnels
 
     def serve_host_http(self, port: int = 8080) -> None:

@@ -1,0 +1,112 @@
+"""The gate in a process of its own, so database writes and garbage collection in the
+auditor never stall a verdict.
+
+Forked by the auditor before it starts any thread. It binds the run's queue,
+says ``ready``, then serves: DNS bindings from the auditor come first (a
+binding is sent before its answer is released, so it is here before the
+task's connection), then queued packets, then the time caps. A detector or
+judge that raises inside the gate blocks the flow in enforce mode
+(``internal-error``: the judge turns exceptions into findings). If the gate
+dies, queued packets find no reader and the kernel drops them: fail closed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import select
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from egress.enforce.gate import Caps, Gate
+from egress.records import Mode
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    queue: int
+    task: str
+    purpose: object
+    mode: Mode
+    allow_mark: int
+    block_mark: int
+    own_resolvers: frozenset[str]
+    min_ttl: int = 30
+    caps: Caps = Caps()
+
+
+def _serve(spec: GateSpec, conn) -> None:
+    from egress.enforce.nfqueue import NfQueue
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # the auditor says when to stop
+    gate = Gate(spec.task, spec.purpose, spec.mode, allow_mark=spec.allow_mark,
+                block_mark=spec.block_mark, own_resolvers=spec.own_resolvers,
+                min_ttl=spec.min_ttl, caps=spec.caps)
+    try:
+        queue = NfQueue(spec.queue, fail_open=spec.mode is not Mode.ENFORCE)
+    except OSError as e:
+        conn.send(("error", f"NFQUEUE {spec.queue}: {e}"))
+        return
+    conn.send(("ready", os.getpid()))
+    latencies: list[int] = []
+    running = True
+    while running:
+        ready, _, _ = select.select([queue, conn], [], [], 0.05)
+        while conn.poll():
+            kind, *rest = conn.recv()
+            if kind == "binding":
+                gate.bind(rest[0])
+            elif kind == "stop":
+                running = False
+        if queue in ready:
+            for packet in queue.read(timeout=0):
+                got = time.time_ns() // 1000
+                verdicts = gate.packet(packet.packet_id, packet.payload)
+                for packet_id, accept, mark in verdicts:
+                    queue.verdict(packet_id, accept, mark)
+                if verdicts and verdicts[-1][2] is not None:
+                    latencies.append(time.time_ns() // 1000 - got)
+        for packet_id, accept, mark in gate.tick():
+            queue.verdict(packet_id, accept, mark)
+    stats = dict(gate.stats, **{f"queue {k}": v for k, v in queue.stats().items()})
+    conn.send(("stats", stats, latencies[-10000:]))
+    queue.close()
+
+
+class GateProcess:
+    def __init__(self, spec: GateSpec):
+        ctx = multiprocessing.get_context("fork")
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(spec, child), name="egress-gate",
+                                daemon=True)
+        self.proc.start()
+        child.close()
+        self._lock = threading.Lock()           # bindings come from the resolver's workers
+        self.stats: dict = {}
+        self.latencies: list[int] = []
+
+    def wait_ready(self, timeout: float = 10) -> None:
+        if not self._conn.poll(timeout):
+            raise RuntimeError("the gate did not start")
+        kind, detail = self._conn.recv()
+        if kind != "ready":
+            raise RuntimeError(f"the gate could not start: {detail}")
+
+    def bind(self, binding) -> None:
+        with self._lock:
+            self._conn.send(("binding", binding))
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                with self._lock:
+                    self._conn.send(("stop",))
+                if self._conn.poll(10):
+                    _, self.stats, self.latencies = self._conn.recv()
+            except (OSError, EOFError, ValueError):
+                pass
+            self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()

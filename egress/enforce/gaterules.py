@@ -1,0 +1,83 @@
+"""The kernel side of the gate: who is queued, and what a verdict's mark does afterwards.
+
+nft has no ``queue`` statement on these kernels (KERNEL.md), so the queue
+rule is iptables-nft's ``-j NFQUEUE`` in a user chain of ours, ``EGRESS-GATE``
+in ``mangle`` (priority -150), reached by one jump per family from FORWARD.
+A task's original-direction TCP and UDP packets whose flow has no verdict
+bits in its conntrack mark are queued; never with ``--queue-bypass`` in
+enforce mode (a dead gate must stop the task's new flows, not open them).
+
+After the gate, ``inet egress_gate`` (priority -140) copies the verdict from
+the packet mark to the conntrack mark (later packets of an allowed flow skip
+the queue; those of a blocked one meet the blocked-mark reject of
+``inet egress``), drops a packet marked block, and clears our mark bits so
+they never reach routing or other tools.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from egress.enforce.tasknet import NetError, sh
+
+CHAIN = "EGRESS-GATE"
+TABLE = "inet egress_gate"
+PRIORITY = -140
+
+
+def marks(mask: int) -> tuple[int, int]:
+    """(block, allow): the lowest two values of the mask's bits."""
+    block = mask & -mask
+    return block, block << 1
+
+
+def _task_rules(host_if: str, queue: int, mask: int, audit: bool) -> list[list[str]]:
+    bypass = ["--queue-bypass"] if audit else []
+    return [["-i", host_if, "-p", proto, "-m", "conntrack", "--ctdir", "ORIGINAL",
+             "-m", "connmark", "--mark", f"0x0/{mask:#x}",
+             "-j", "NFQUEUE", "--queue-num", str(queue), *bypass]
+            for proto in ("tcp", "udp")]
+
+
+def _tool(family: int) -> str:
+    return "iptables-nft" if family == 4 else "ip6tables-nft"
+
+
+def add(host_if: str, queue: int, mask: int, audit: bool) -> None:
+    """The user chain and its jump (once per family), then this task's queue rules."""
+    for family in (4, 6):
+        tool = _tool(family)
+        if subprocess.run([tool, "-t", "mangle", "-L", CHAIN, "-n"],
+                          capture_output=True).returncode != 0:
+            sh(tool, "-t", "mangle", "-N", CHAIN)
+        if subprocess.run([tool, "-t", "mangle", "-C", "FORWARD", "-j", CHAIN],
+                          capture_output=True).returncode != 0:
+            sh(tool, "-t", "mangle", "-I", "FORWARD", "1", "-j", CHAIN)
+        for rule in _task_rules(host_if, queue, mask, audit):
+            sh(tool, "-t", "mangle", "-A", CHAIN, *rule)
+
+
+def remove(host_if: str, queue: int, mask: int, audit: bool) -> list[str]:
+    """This task's queue rules; the chain and its jump stay for other runs."""
+    problems = []
+    for family in (4, 6):
+        for rule in _task_rules(host_if, queue, mask, audit):
+            try:
+                sh(_tool(family), "-t", "mangle", "-D", CHAIN, *rule)
+            except NetError as e:
+                problems.append(str(e))
+    return problems
+
+
+def post_gate(mask: int) -> str:
+    """The nft chain after the gate; idempotent, shared by every run."""
+    block, allow = marks(mask)
+    t = TABLE
+    return f"""add table {t}
+add chain {t} post_gate {{ type filter hook forward priority {PRIORITY}; policy accept; }}
+flush chain {t} post_gate
+add rule {t} post_gate meta mark & {mask:#x} == {allow:#x} ct mark set ct mark | {allow:#x}
+add rule {t} post_gate meta mark & {mask:#x} == {block:#x} ct mark set ct mark | {block:#x}
+add rule {t} post_gate meta mark & {mask:#x} == {block:#x} drop
+add rule {t} post_gate meta mark & {mask:#x} != 0 meta mark set meta mark & {~mask & 0xFFFFFFFF:#x}
+"""

