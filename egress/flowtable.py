@@ -146,9 +146,12 @@ class FlowTable:
     def __init__(self, on_finish: Callable[[Flow], None],
                  on_payload: Callable[[Flow, bool], None], *, max_flows: int = 200_000,
                  stream_cap: int = STREAM_CAP, datagram_cap: int = DATAGRAM_CAP,
-                 echo_cap: int = 2 * DATAGRAM_CAP, watch_cap: int = WATCH_CAP):
+                 echo_cap: int = 2 * DATAGRAM_CAP, watch_cap: int = WATCH_CAP,
+                 sweep: bool = True):
         """The caps are the observation window: bytes per direction of a stream, UDP
-        payloads and ICMP echo payloads per direction kept, entries of the watch feed."""
+        payloads and ICMP echo payloads per direction kept, entries of the watch feed.
+        ``sweep=False``: flows end only when told (``finish``) or at ``close``; live,
+        where conntrack says when a flow ends and the packets seen are only its first."""
         self.stream_cap, self.datagram_cap = stream_cap, datagram_cap
         self.echo_cap, self.watch_cap = echo_cap, watch_cap
         # One dict a protocol, keyed by the bytes of the tuple as IPv4 lays them out
@@ -160,7 +163,7 @@ class FlowTable:
         self.on_payload = on_payload
         self.max_flows = max_flows
         self.stats: Counter = Counter()
-        self._next_sweep = None
+        self._next_sweep = None if sweep else float("inf")
 
     def packet(self, ts, ipver, src, dst, proto, sport, dport, flags, seq, iplen, buf, poff,
                plen) -> None:
@@ -219,6 +222,10 @@ class FlowTable:
             self._next_sweep = ts + SWEEP_EVERY_US
         elif ts >= self._next_sweep:
             self.sweep(ts)
+
+    def finish(self, flow: Flow) -> None:
+        """End an open flow now (live: conntrack destroyed its entry)."""
+        self._finish(flow)
 
     def find(self, proto, src: bytes, dst: bytes, sport, dport, seq: int = -1) -> Flow | None:
         """The open flow a packet with this tuple belongs to (either direction), if any."""

@@ -10,6 +10,7 @@ task has no egress at all; ``egress cleanup`` removes what is left.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 import os
 import queue
@@ -28,7 +29,8 @@ from egress.detectors import live_window
 from egress.enforce.resolver import Resolver
 from egress.enforce.ruleset import (Match, TaskRules, arm_deadman, elements_for_name,
                                     generate_nft, refresh_elements, remove_nft)
-from egress.records import Mode, Severity, TaskEvent
+from egress.enforce.ctevents import ConntrackEvents, dump as ct_dump
+from egress.records import Finding, Mode, Severity, TaskEvent
 from egress.replay import ReplayResult
 from tagging.manifest import Purpose
 
@@ -108,6 +110,15 @@ def host_upstream() -> tuple[str, int]:
                    "(configuration key upstream)")
 
 
+def _ours(event, nets) -> bool:
+    """A conntrack entry of the task: its original source is one of the task's subnets."""
+    t = event.orig
+    if t is None or not t.src:
+        return False
+    address = ipaddress.ip_address(t.src)
+    return any(address in n for n in nets)
+
+
 class _Switch(threading.Thread):
     """Re-arms the dead-man's switch three times per timeout, until stopped."""
 
@@ -133,6 +144,8 @@ class TaskRun:
         self.recorder = recorder
         self.on_event = on_event
         self.events: list[TaskEvent] = []
+        self.losses: list[str] = []
+        self.ct_stats: dict = {}
         self._nft_lock = threading.Lock()
         self._nft: Nft | None = None
 
@@ -166,6 +179,13 @@ class TaskRun:
                 items.put(("packet", packet.time, packet.payload))
             if not got and stop.is_set():
                 return
+
+    def _read_conntrack(self, events, items: "queue.Queue", nets, stop: threading.Event) -> None:
+        """Conntrack DESTROY events of the task's flows -> the live source's queue."""
+        while not stop.is_set():
+            for event in events.read(timeout=0.2):
+                if event.kind == "destroy" and _ours(event, nets):
+                    items.put(("ct", event))
 
     def _judge(self, items, net, result: dict) -> None:
         """The replay pipeline over the live source, in a thread of its own."""
@@ -210,7 +230,8 @@ class TaskRun:
         net.save()
         items: queue.Queue = queue.Queue()
         judged: dict = {}
-        box = switch = resolver = reader = logger = judge = gate = None
+        box = switch = resolver = reader = logger = judge = gate = ct = ct_thread = None
+        nets = [ipaddress.ip_network(net.net4), ipaddress.ip_network(net.net6)]
         stop_log = threading.Event()
         block, allow = gaterules.marks(opts.mark_mask)
         try:
@@ -231,6 +252,11 @@ class TaskRun:
             gaterules.add(**net.gate)
             switch = _Switch(self._apply, rules)
             switch.start()
+            ct = ConntrackEvents(groups=("destroy",))
+            ct_thread = threading.Thread(target=self._read_conntrack,
+                                         args=(ct, items, nets, stop_log),
+                                         name="egress-conntrack", daemon=True)
+            ct_thread.start()
             reader = NflogReader(net.nflog_group, snaplen=recording.SNAPLEN)
             logger = threading.Thread(target=self._read_log, args=(reader, items, stop_log),
                                       name="egress-nflog", daemon=True)
@@ -274,33 +300,53 @@ class TaskRun:
                     self._apply(net.removal)
                 except Exception:           # noqa: BLE001 - cleanup removes what is left
                     pass
-            tasknet.remove(net)
             stop_log.set()
-            if logger:
-                logger.join(timeout=10)
+            for thread in (logger, ct_thread):
+                if thread:
+                    thread.join(timeout=10)
+            # Flows still open get conntrack's totals so far (closed TCP flows sit in
+            # TIME_WAIT for minutes before their DESTROY).
+            try:
+                for entry in ct_dump():
+                    if _ours(entry, nets):
+                        items.put(("ct", entry))
+            except OSError as e:
+                self.losses.append(f"the last conntrack dump failed: {e}")
+            tasknet.remove(net)
             items.put(None)
             if judge:
                 judge.join(timeout=60)
             if reader:
                 reader.close()
+            if ct:
+                self.ct_stats = ct.stats()
+                ct.close()
             if self._nft:
                 self._nft.close()
         return self._result(command_status, resolver, reader, switch, judged, gate)
 
     def _result(self, command_status, resolver, reader, switch, judged, gate) -> RunResult:
         opts = self.opts
+        flows = judged.get("flows") or ReplayResult(tasks={}, skipped=Counter(),
+                                                    violations=False)
+        losses = self.losses + ([judged["error"]] if "error" in judged else [])
+        log = reader.stats() if reader else {}
+        lost = []
+        if log.get("lost") or log.get("overruns"):
+            lost.append((log["lost"] + log["overruns"], "NFLOG sequence gaps and overruns"))
+        if self.ct_stats.get("lost"):
+            lost.append((self.ct_stats["lost"], "conntrack event overruns"))
+        for count, reason in lost:
+            losses.append(f"{reason}: {count:,} lost; flows may be missing or undercounted")
+            self._event(TaskEvent(task=opts.task, time=time.time_ns() // 1000,
+                                  event="events-lost",
+                                  findings=[Finding.make("events-lost", count=count,
+                                                         reason=reason)]))
         if self.recorder and self.events:
             if "flows" not in judged or opts.task not in judged["flows"].tasks:
                 self.recorder.task(opts.task, opts.purpose, opts.mode, self.events[0].time)
             self.recorder.records(self.events)
             self.recorder.end_task(opts.task, time.time_ns() // 1000)
-        flows = judged.get("flows") or ReplayResult(tasks={}, skipped=Counter(),
-                                                    violations=False)
-        losses = [judged["error"]] if "error" in judged else []
-        log = reader.stats() if reader else {}
-        if log.get("lost") or log.get("overruns"):
-            losses.append(f"NFLOG lost {log['lost']:,} packet(s), {log['overruns']:,} overrun(s): "
-                          "flows may be missing from the record")
         if switch and switch.failures:
             losses.append(f"the dead-man's switch failed to re-arm {switch.failures} time(s)")
         violations = flows.violations or any(

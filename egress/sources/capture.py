@@ -104,10 +104,13 @@ class CaptureSource:
         self._table = FlowTable(self._finish, self._identifier.update, max_flows=max_flows,
                                 stream_cap=window.bytes, datagram_cap=window.packets,
                                 echo_cap=window.packets,
-                                watch_cap=WATCH_CAP if window.watch else 0)
+                                watch_cap=WATCH_CAP if window.watch else 0,
+                                sweep=self.sweeps)
 
     observed = "full"
     """What a record of this source saw of its flow (the contract's ``observed``)."""
+    sweeps = True
+    """Flows end when idle or closed, by packet times (a capture has every packet)."""
 
     def _frames(self):
         """(linktype, time µs, buffer, offset, caplen, original length) of every packet."""

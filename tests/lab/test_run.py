@@ -266,3 +266,16 @@ def test_two_runs_at_once_get_their_own_networks_and_rules(lab):
     assert runs_left(lab) == []
     assert lab.host("nft", "list", "table", "inet", "egress_nat", check=False).returncode != 0
     assert not [n for n in made if Path(f"/run/egress/runs/{n}.resolv.conf").exists()]
+
+
+def test_a_bulk_download_is_counted_by_conntrack_not_by_the_packets_logged(lab):
+    www = lab.dir / "www"
+    www.mkdir()
+    (www / "big.whl").write_bytes(os.urandom(20 * 1024 * 1024))
+    lab.start_dns({"pypi.lab": "203.0.113.10"})
+    lab.start_https("pypi.lab", "203.0.113.10", root=www)
+    done = egress_run(lab, f"{CURL} https://pypi.lab/big.whl")
+    assert outputs(done.stdout)[0][0] == "200", done.stdout + done.stderr
+    (flow,) = flows_to(stored(lab), "203.0.113.10")
+    assert flow["bytes_in"] >= 20 * 1024 * 1024 and flow["packets_in"] > 64
+    assert flow["end"] > flow["start"] and flow["verdict"] == "allow"
