@@ -14,6 +14,7 @@ either side) are set apart and reported, not counted.
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections import Counter
 
@@ -33,12 +34,49 @@ MIN_KEEPALIVES = 3
 """Repeats of one (server size, client size) pair, one packet each, that make keepalives."""
 
 
+_WITH_ARGUMENT = set("BbcDEeFIiJLlmOopQRSWw")
+"""ssh's options that take an argument (ssh(1)); the others are flags."""
+
+
+def forwarding_flag(cmdline: str | None) -> str | None:
+    """The remote-forwarding option on an SSH client's command line, if any: ``-R spec``
+    (also inside a cluster such as ``-NR``), ``-o RemoteForward=...``, or autossh."""
+    words = (cmdline or "").split()
+    if not words:
+        return None
+    program = words[0].rsplit("/", 1)[-1]
+    if program == "autossh":
+        return "autossh"
+    if program not in ("ssh", "dbclient"):
+        return None
+    i = 1
+    while i < len(words) and words[i].startswith("-") and words[i] != "--":
+        cluster = words[i][1:]
+        for j, letter in enumerate(cluster):
+            if letter in _WITH_ARGUMENT:
+                value = cluster[j + 1:] or (words[i + 1] if i + 1 < len(words) else "")
+                if cluster[j + 1:] == "":
+                    i += 1
+                if letter == "R":
+                    return f"-R {value}".strip()
+                if letter == "o" and value.lower().startswith("remoteforward"):
+                    return "RemoteForward " + value[len("remoteforward"):].lstrip("= ")
+                break
+        i += 1
+    return None     # the first word that is not an option is the destination: options end
+
+
 class ReverseSshTunnel:
     name = "reverse-ssh-tunnel"
-    steps = frozenset({Step.WATCH})
+    steps = frozenset({Step.START, Step.WATCH})
     window = Window(watch=True)
 
     def inspect(self, flow: FlowRecord, ctx: Context):
+        if ctx.step is Step.START:
+            # Live only: the process that owns the flow says it asked for remote forwarding.
+            flag = forwarding_flag(flow.process.cmdline) if flow.process else None
+            return [Finding.make("reverse-ssh-tunnel", source="process",
+                                 cmdline_flag=flag)] if flag else []
         seen = flow.observation
         if flow.app != "ssh" or seen is None:
             return []

@@ -145,6 +145,8 @@ class TaskRun:
         self.on_event = on_event
         self.events: list[TaskEvent] = []
         self.losses: list[str] = []
+        self._box: sandbox.Sandbox | None = None
+        self._init_pid: int | None = None
         self.ct_stats: dict = {}
         self._nft_lock = threading.Lock()
         self._nft: Nft | None = None
@@ -190,18 +192,31 @@ class TaskRun:
     def _judge(self, items, net, result: dict) -> None:
         """The replay pipeline over the live source, in a thread of its own."""
         from egress.replay import replay
-        from egress.sources.live import LiveSource
+        from egress.sources.live import LiveSource, Owners
         from tagging.attribution import Attribution, parse_networks
         opts = self.opts
-        who = Attribution(task=opts.task, local=parse_networks([net.net4, net.net6]))
-        source = LiveSource(items, who)
+        nets = parse_networks([net.net4, net.net6])
+        who = Attribution(task=opts.task, local=nets)
+        owners = Owners(net.netns_path, self._task_init, nets)
+        source = LiveSource(items, who, owners=owners)
         try:
             result["flows"] = replay(source, opts.purpose, task=opts.task, mode=opts.mode,
                                      min_ttl_s=opts.min_ttl, recorder=self.recorder,
                                      own_resolvers=frozenset({net.host4, net.host6}))
         except Exception as e:              # noqa: BLE001 - reported; the run goes on
             result["error"] = f"recording failed: {e}"
+        finally:
+            owners.close()
         result["stats"] = source.stats
+        result["owners_missed"] = owners.misses
+
+    def _task_init(self) -> int | None:
+        """The host pid of the task's PID-namespace init (the root of its process tree)."""
+        if self._init_pid is None and self._box is not None and self._box.proc is not None:
+            from egress.enforce.owners import children
+            found = children(self._box.proc.pid)
+            self._init_pid = found[0] if found else None
+        return self._init_pid
 
     # ------------------------------------------------------------ run
 
@@ -275,6 +290,7 @@ class TaskRun:
             box = sandbox.Sandbox(net.netns_path, list(opts.argv), user,
                                   resolv_conf=str(net.resolv_conf))
             box.start()
+            self._box = box
             net.task_pid = box.proc.pid
             net.save()
             previous = {s: signal.signal(s, lambda signum, _f: box.signal(signum))

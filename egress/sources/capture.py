@@ -153,6 +153,13 @@ class CaptureSource:
 
     # --------------------------------------------------------------- callbacks
 
+    def _observed(self, flow: Flow) -> str:
+        return self.observed
+
+    def _process(self, flow: Flow):
+        """The owning process: known live only (a capture has no processes)."""
+        return None
+
     def _addr(self, packed: bytes) -> str:
         text = self._text.get(packed)
         if text is None:
@@ -201,7 +208,8 @@ class CaptureSource:
             dst=dst, dport=None if portless else flow.dport,
             start=flow.start, end=flow.last,
             conn_state=conn_state(flow),
-            observed=self.observed,
+            observed=self._observed(flow),
+            process=self._process(flow),
             bytes_out=flow.bytes_o, bytes_in=flow.bytes_r,
             packets_out=flow.pkts_o, packets_in=flow.pkts_r,
             weird=sorted(flow.weird),

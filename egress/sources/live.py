@@ -32,9 +32,21 @@ class LiveSource(CaptureSource):
     observed = "first-packets"
     sweeps = False
 
-    def __init__(self, items: "queue.Queue", attribution, **kw):
+    def __init__(self, items: "queue.Queue", attribution, *, owners: "Owners | None" = None,
+                 **kw):
         super().__init__([], attribution, **kw)
         self.items = items
+        self.owners = owners
+
+    def _observed(self, flow) -> str:
+        watched = flow.watch or flow.watched
+        return "first-packets+watch" if watched else "first-packets"
+
+    def _process(self, flow):
+        if self.owners is None:
+            return None
+        return self.owners.of(flow.proto, self._addr(flow.src), flow.sport,
+                              self._addr(flow.dst), flow.dport)
 
     def _frames(self):
         while True:
@@ -44,6 +56,8 @@ class LiveSource(CaptureSource):
             if item[0] == "packet":
                 _, ts, payload = item
                 self.stats.packets += 1
+                if self.owners is not None:
+                    self.owners.first_packet(payload)
                 yield LINKTYPE_RAW, ts, payload, 0, len(payload), len(payload)
                 continue
             if item[0] == "binding":
@@ -68,3 +82,61 @@ class LiveSource(CaptureSource):
             flow.last = max(flow.last, event.stop_ns // 1000)
         if event.kind == "destroy":
             self._table.finish(flow)
+
+
+class Owners:
+    """The process behind each new flow of a task, looked up when its first packet is logged
+    (the socket and process still exist then): sock_diag in the task's network namespace,
+    then the task's process tree (egress.enforce.owners). Misses are counted, not fatal."""
+
+    def __init__(self, netns_path: str, root_pid, nets):
+        from egress.enforce.owners import SockDiag
+        self.diag = SockDiag(netns_path)
+        self.root_pid, self.nets = root_pid, nets
+        self.found: dict[tuple, object] = {}
+        self.misses = 0
+
+    def first_packet(self, payload: bytes) -> None:
+        from egress.enforce.owners import owner_of
+        key = _tuple(payload)
+        if key is None or key in self.found or self.root_pid() is None:
+            return
+        proto, src, sport, dst, dport, syn = key
+        if (proto == 6 and not syn) or not any(ipaddress.ip_address(src) in n for n in self.nets):
+            return
+        try:
+            sock = self.diag.find("tcp" if proto == 6 else "udp", src, sport, dst, dport)
+            info = owner_of(sock.inode, self.root_pid()) if sock is not None else None
+        except OSError:
+            info = None
+        if info is None:
+            self.misses += 1
+            return
+        from egress.records import ProcessInfo
+        self.found[key[:5]] = ProcessInfo(pid=info.pid, ppid=info.ppid, uid=info.uid,
+                                          exe=info.exe, cmdline=" ".join(info.cmdline))
+
+    def of(self, proto, src, sport, dst, dport):
+        return self.found.pop((proto, src, sport, dst, dport), None)
+
+    def close(self) -> None:
+        self.diag.close()
+
+
+def _tuple(p: bytes):
+    """(proto, src, sport, dst, dport, is a bare SYN) of a TCP or UDP packet, or None."""
+    if len(p) < 20:
+        return None
+    if p[0] >> 4 == 4:
+        ihl, proto = (p[0] & 15) * 4, p[9]
+        src, dst = ipaddress.ip_address(p[12:16]), ipaddress.ip_address(p[16:20])
+    elif p[0] >> 4 == 6 and len(p) >= 40:
+        ihl, proto = 40, p[6]
+        src, dst = ipaddress.ip_address(p[8:24]), ipaddress.ip_address(p[24:40])
+    else:
+        return None
+    if proto not in (6, 17) or len(p) < ihl + 14:
+        return None
+    sport, dport = int.from_bytes(p[ihl:ihl + 2], "big"), int.from_bytes(p[ihl + 2:ihl + 4], "big")
+    syn = proto == 6 and p[ihl + 13] & 0x12 == 0x02
+    return proto, str(src), sport, str(dst), dport, syn

@@ -279,3 +279,26 @@ def test_a_bulk_download_is_counted_by_conntrack_not_by_the_packets_logged(lab):
     (flow,) = flows_to(stored(lab), "203.0.113.10")
     assert flow["bytes_in"] >= 20 * 1024 * 1024 and flow["packets_in"] > 64
     assert flow["end"] > flow["start"] and flow["verdict"] == "allow"
+
+
+def test_each_flow_carries_its_process_and_ssh_minus_r_is_found_by_it(lab):
+    lab.start_dns({"relay.lab": "198.51.100.7"})
+    key = lab.start_sshd("198.51.100.7", 22)
+    os.chmod(key, 0o644)                   # the task's user must read the key
+    os.chmod(lab.dir, 0o755)
+    purpose = lab.dir / "ssh.toml"
+    purpose.write_text('version = 1\npurpose = "Deploy to the relay"\ntask = "lab-run"\n'
+                       '[[allow]]\nhost = "relay.lab"\nports = [22]\nprotocol = "ssh"\n')
+    ssh = ("ssh -F /dev/null -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+           f"-o BatchMode=yes -i {key} -N -R 9000:127.0.0.1:8080 root@relay.lab")
+    done = lab.host(EGRESS, "run", "--task", "lab-run", "--purpose", purpose, "--db",
+                    lab.dir / "egress.db", "--", "sh", "-c", f"timeout 3 {ssh}; true",
+                    timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    (flow,) = flows_to(stored(lab), "198.51.100.7")
+    assert flow["process"]["exe"] == "/usr/bin/ssh"
+    assert "-R 9000:127.0.0.1:8080" in flow["process"]["cmdline"]
+    assert flow["process"]["uid"] != 0
+    (found,) = [f for f in flow["findings"] if f["id"] == "reverse-ssh-tunnel"]
+    assert found["evidence"]["source"] == "process"
+    assert found["evidence"]["cmdline_flag"] == "-R 9000:127.0.0.1:8080"
