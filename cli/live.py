@@ -23,9 +23,13 @@ from egress.records import Mode
 @click.option("--no-store", is_flag=True, help="Record nothing; print the summary only.")
 @click.option("--fail-on-violation", is_flag=True,
               help=f"Exit {VIOLATIONS} when violations were found, whatever the command returned.")
+@click.option("--kill-on", type=click.Choice(["critical"]),
+              help="End the task's whole process tree on a critical finding (a reverse "
+                   "tunnel, mining), recorded as a task-killed event.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
-def run(ctx, task, purpose_file, mode, user, db_url, no_store, fail_on_violation, command):
+def run(ctx, task, purpose_file, mode, user, db_url, no_store, fail_on_violation, kill_on,
+        command):
     """Run COMMAND as one task, contained, under its declared purpose.
 
     The command runs as an unprivileged task user in a network namespace of
@@ -55,7 +59,7 @@ def run(ctx, task, purpose_file, mode, user, db_url, no_store, fail_on_violation
                       min_ttl=cfg.resolver.min_ttl, nflog_group=cfg.netfilter.log_group,
                       mark_mask=cfg.netfilter.mark_mask, priority=cfg.netfilter.priority,
                       queue=cfg.netfilter.queue,
-                      fail_on_violation=fail_on_violation)
+                      fail_on_violation=fail_on_violation, kill_on=kill_on)
     from db.background import BackgroundRecorder, WriterError
     recorder = None
     try:

@@ -702,7 +702,8 @@ class TaskEvent:
     time: int = _time()
     """When it happened, microseconds since the epoch (UTC)."""
     event: str
-    """task-started, task-ended, dns-refused, dns-tunnel, budget-exceeded, events-lost."""
+    """task-started, task-ended, task-killed (``--kill-on``: the findings that ended it),
+    dns-refused, dns-tunnel, budget-exceeded, events-lost."""
     findings: list[Finding] = field(default_factory=list)
     """The findings of the event (none for task-started and task-ended)."""
 
@@ -740,7 +741,7 @@ class NameBinding:
 
 OBSERVED = ("full", "first-packets", "first-packets+watch", "conntrack-only")
 
-TASK_EVENTS = ("task-started", "task-ended", "dns-refused", "dns-tunnel",
+TASK_EVENTS = ("task-started", "task-ended", "task-killed", "dns-refused", "dns-tunnel",
                "budget-exceeded", "events-lost")
 
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from egress.enforce.gate import Caps, Gate
-from egress.records import Mode
+from egress.records import Mode, Severity
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class GateSpec:
     caps: Caps = Caps()
 
 
-def _serve(spec: GateSpec, conn) -> None:
+def _serve(spec: GateSpec, conn, events) -> None:
     from egress.enforce.nfqueue import NfQueue
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the auditor says when to stop
     gate = Gate(spec.task, spec.purpose, spec.mode, allow_mark=spec.allow_mark,
@@ -69,6 +69,12 @@ def _serve(spec: GateSpec, conn) -> None:
                     latencies.append(time.time_ns() // 1000 - got)
         for packet_id, accept, mark in gate.tick():
             queue.verdict(packet_id, accept, mark)
+        for record in gate.decisions:
+            critical = [f for f in record.findings
+                        if f.severity is Severity.CRITICAL and not f.waived]
+            if critical:
+                events.send(("critical", f"{record.dst}:{record.dport}", critical))
+        gate.decisions.clear()
     stats = dict(gate.stats, **{f"queue {k}": v for k, v in queue.stats().items()})
     conn.send(("stats", stats, latencies[-10000:]))
     queue.close()
@@ -78,10 +84,12 @@ class GateProcess:
     def __init__(self, spec: GateSpec):
         ctx = multiprocessing.get_context("fork")
         self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(spec, child), name="egress-gate",
-                                daemon=True)
+        self.events, child_events = ctx.Pipe(duplex=False)   # critical findings, as they come
+        self.proc = ctx.Process(target=_serve, args=(spec, child, child_events),
+                                name="egress-gate", daemon=True)
         self.proc.start()
         child.close()
+        child_events.close()
         self._lock = threading.Lock()           # bindings come from the resolver's workers
         self.stats: dict = {}
         self.latencies: list[int] = []

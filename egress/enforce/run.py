@@ -10,6 +10,7 @@ task has no egress at all; ``egress cleanup`` removes what is left.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections import Counter
 import os
@@ -63,6 +64,8 @@ class RunOptions:
     mark_mask: int = 0x00F00000
     priority: int = -180
     fail_on_violation: bool = False
+    kill_on: str | None = None
+    """``critical``: a critical finding ends the task's whole process tree."""
 
 
 @dataclass
@@ -146,6 +149,7 @@ class TaskRun:
         self.events: list[TaskEvent] = []
         self.losses: list[str] = []
         self._box: sandbox.Sandbox | None = None
+        self._killed = False
         self._init_pid: int | None = None
         self.ct_stats: dict = {}
         self._nft_lock = threading.Lock()
@@ -202,6 +206,8 @@ class TaskRun:
         try:
             result["flows"] = replay(source, opts.purpose, task=opts.task, mode=opts.mode,
                                      min_ttl_s=opts.min_ttl, recorder=self.recorder,
+                                     on_record=lambda r: self._critical(
+                                         r.findings, getattr(r, "dst", "task")),
                                      own_resolvers=frozenset({net.host4, net.host6}))
         except Exception as e:              # noqa: BLE001 - reported; the run goes on
             result["error"] = f"recording failed: {e}"
@@ -209,6 +215,35 @@ class TaskRun:
             owners.close()
         result["stats"] = source.stats
         result["owners_missed"] = owners.misses
+
+    def _critical(self, findings, where: str) -> None:
+        """A critical finding: with --kill-on critical, end the task (SIGKILL to the init of
+        its PID namespace takes every process of the task with it), once, on the record."""
+        critical = [f for f in findings if f.severity is Severity.CRITICAL and not f.waived]
+        if not critical or self.opts.kill_on != "critical" or self._killed:
+            return
+        init = self._task_init()
+        if init is None:
+            return
+        self._killed = True
+        try:
+            os.kill(init, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self._event(TaskEvent(task=self.opts.task, time=time.time_ns() // 1000,
+                              event="task-killed", findings=[dataclasses.replace(f)
+                                                             for f in critical]))
+        self.losses.append(f"task killed: {', '.join(f.id for f in critical)} at {where}")
+
+    def _watch_gate(self, gate, stop: threading.Event) -> None:
+        """Critical findings from the gate, as they are decided."""
+        while not stop.is_set():
+            try:
+                if gate.events.poll(0.2):
+                    _, where, findings = gate.events.recv()
+                    self._critical(findings, where)
+            except (EOFError, OSError):
+                return
 
     def _task_init(self) -> int | None:
         """The host pid of the task's PID-namespace init (the root of its process tree)."""
@@ -257,6 +292,8 @@ class TaskRun:
                                         block_mark=block, min_ttl=opts.min_ttl,
                                         own_resolvers=frozenset({net.host4, net.host6})))
             gate.wait_ready()
+            threading.Thread(target=self._watch_gate, args=(gate, stop_log),
+                             name="egress-gate-events", daemon=True).start()
             self._nft = Nft()
             self._apply(recording.add(net.host_if, net.nflog_group, window.packets)
                         + generate_nft(rules) + arm_deadman(rules)

@@ -3,7 +3,9 @@ before its first payload byte leaves (the lab's servers record every byte they r
 TLS to the same kind of rule passes; audit mode lets it through and flags it."""
 
 import json
+import os
 import subprocess
+import time
 
 from tests.lab.test_run import EGRESS, stored
 
@@ -72,3 +74,33 @@ def test_audit_lets_them_through_and_flags_them(lab):
     verdicts = {r["dport"]: r["verdict"] for r in stored(lab) if r.get("kind") == "flow"
                 and r["dst"] in ("203.0.113.30", "198.51.100.42")}
     assert verdicts == {443: "flag", 3333: "flag"}
+
+
+def test_kill_on_critical_ends_the_whole_task_and_says_why(lab):
+    _, pool_got = setup(lab)
+    purpose = lab.dir / "purpose.toml"
+    purpose.write_text(PURPOSE)
+    script = (f"timeout 3 bash -c 'exec 3<>/dev/tcp/pool.lab/3333; echo {json.dumps(LOGIN)} >&3;"
+              " sleep 1'; sleep 20; echo survived")
+    started = time.monotonic()
+    done = lab.host(EGRESS, "run", "--task", "lab-gate", "--purpose", purpose,
+                    "--mode", "enforce", "--kill-on", "critical", "--db", lab.dir / "egress.db",
+                    "--", "sh", "-c", script, timeout=60, check=False)
+    assert time.monotonic() - started < 15 and "survived" not in done.stdout, done.stderr
+    assert done.returncode == 128 + 9
+    assert pool_got.read_bytes() == b""
+    (killed,) = [r for r in stored(lab) if r.get("event") == "task-killed"]
+    assert {f["id"] for f in killed["findings"]} >= {"mining-stratum"}
+
+
+def test_daemons_end_with_the_command(lab):
+    setup(lab)
+    purpose = lab.dir / "purpose.toml"
+    purpose.write_text(PURPOSE)
+    marker = f"{os.getpid() % 1000 + 3000}"
+    done = lab.host(EGRESS, "run", "--task", "lab-gate", "--purpose", purpose, "--no-store",
+                    "--", "sh", "-c", f"setsid sleep {marker} & echo started", timeout=60)
+    assert "started" in done.stdout
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", f"^sleep {marker}$"], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout
