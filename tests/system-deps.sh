@@ -18,6 +18,8 @@ for pair in ip:iproute2 tcpdump:tcpdump sshd:openssh-server ssh:openssh-client \
     command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || need+=("$pkg")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+# pip as the task user runs it in the live incident test (the system's, not the venv's)
+/usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then

@@ -56,9 +56,15 @@ class Gate:
 
     def __init__(self, task: str, purpose, mode: Mode, *, allow_mark: int, block_mark: int,
                  own_resolvers: frozenset[str] = frozenset(), min_ttl: int = 30,
-                 caps: Caps = Caps()):
+                 caps: Caps = Caps(), deny_mark: int | None = None, mask: int = 0,
+                 owner_of=None):
+        """``deny_mark``: what the ruleset marks a first packet it refuses with; such a
+        packet is refused here, after ``owner_of(proto, src, sport, dst, dport)`` found its
+        process while the socket still exists (``owners`` keeps what it found)."""
         self.task, self.mode, self.caps = task, Mode(mode), caps
         self.allow_mark, self.block_mark = allow_mark, block_mark
+        self.deny_mark, self.mask, self.owner_of = deny_mark, mask, owner_of
+        self.owners: list[tuple] = []
         self.judge = Judge([TaskPolicy(task, purpose, self.mode, own_resolvers)],
                            mode=self.mode, bindings=DnsBindings(min_ttl))
         self.identifier = Identifier(on_answer=lambda *a: None)
@@ -78,13 +84,18 @@ class Gate:
         if self.judge.admits(binding):
             self.judge.bindings.add(binding)
 
-    def packet(self, packet_id: int, payload: bytes, now_us: int | None = None) -> list[tuple]:
+    def packet(self, packet_id: int, payload: bytes, now_us: int | None = None,
+               mark: int = 0) -> list[tuple]:
         now_us = now_us or time.time_ns() // 1000
         d = self.decoder.decode(LINKTYPE_RAW, now_us, payload, 0, len(payload))
         if d is None:                       # not a packet we can judge: never let it through
             self.stats["malformed"] += 1
             return [(packet_id, self.mode is not Mode.ENFORCE, None)]
         _, src, dst, proto, sport, dport, _, seq, _, _, _, plen = d
+        if self.deny_mark and mark & self.mask == self.deny_mark:
+            self._find_owner(proto, src, sport, dst, dport)
+            self.stats["refused"] += 1
+            return [(packet_id, True, self.block_mark)]
         self.table.packet(now_us, *d)
         if not plen:
             self.stats["no payload"] += 1
@@ -115,6 +126,21 @@ class Gate:
                 out += self._decide(flow, "time cap")
         return out
 
+    def _find_owner(self, proto, src: bytes, sport, dst: bytes, dport):
+        """The process behind a flow (while its socket exists), kept for the recorder."""
+        if self.owner_of is None:
+            return None
+        import ipaddress
+        key = (proto, str(ipaddress.ip_address(src)), sport, str(ipaddress.ip_address(dst)),
+               dport)
+        try:
+            found = self.owner_of(*key)
+        except OSError:
+            found = None
+        if found is not None:
+            self.owners.append((key, found))
+        return found
+
     # ------------------------------------------------------------ judging
 
     def _record(self, flow: Flow) -> FlowRecord:
@@ -136,9 +162,15 @@ class Gate:
         record = self._record(flow)
         if record.app is None and why != "identified":
             record.app = "unknown"          # unknown bytes: admitted only by protocol "any"
+        owner = lambda: self._find_owner(flow.proto, flow.src, flow.sport,  # noqa: E731
+                                         flow.dst, flow.dport)
+        if record.app == "ssh":             # its command line can say "remote forwarding"
+            record.process = owner()
         self.judge.decide(record, Step.START)
         self.judge.decide(record, Step.GATE)
         block = record.verdict is Verdict.BLOCK and self.mode is Mode.ENFORCE
+        if block and record.process is None:
+            owner()                         # the task sees a reset next: its socket goes
         mark = self.block_mark if block else self.allow_mark
         self.decided[flow] = mark
         self.stats["blocked" if block else "allowed"] += 1

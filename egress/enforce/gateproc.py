@@ -35,14 +35,37 @@ class GateSpec:
     own_resolvers: frozenset[str]
     min_ttl: int = 30
     caps: Caps = Caps()
+    mask: int = 0
+    deny_mark: int | None = None
+    netns_path: str | None = None
+    """The task's network namespace: where refused sockets are looked up for their owner."""
 
 
 def _serve(spec: GateSpec, conn, events) -> None:
     from egress.enforce.nfqueue import NfQueue
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the auditor says when to stop
+    root = [None]                                       # the task's init, once it runs
+    diag = None
+    if spec.netns_path:
+        from egress.enforce.owners import SockDiag
+        diag = SockDiag(spec.netns_path)
+
+    def owner_of(proto, src, sport, dst, dport):
+        from egress.enforce.owners import owner_of as holder
+        if diag is None or root[0] is None:
+            return None
+        sock = diag.find("tcp" if proto == 6 else "udp", src, sport, dst, dport)
+        info = holder(sock.inode, root[0]) if sock is not None else None
+        if info is None:
+            return None
+        from egress.records import ProcessInfo
+        return ProcessInfo(pid=info.pid, ppid=info.ppid, uid=info.uid, exe=info.exe,
+                           cmdline=" ".join(info.cmdline))
+
     gate = Gate(spec.task, spec.purpose, spec.mode, allow_mark=spec.allow_mark,
                 block_mark=spec.block_mark, own_resolvers=spec.own_resolvers,
-                min_ttl=spec.min_ttl, caps=spec.caps)
+                min_ttl=spec.min_ttl, caps=spec.caps, deny_mark=spec.deny_mark,
+                mask=spec.mask, owner_of=owner_of)
     try:
         queue = NfQueue(spec.queue, fail_open=spec.mode is not Mode.ENFORCE)
     except OSError as e:
@@ -50,6 +73,13 @@ def _serve(spec: GateSpec, conn, events) -> None:
         return
     conn.send(("ready", os.getpid()))
     latencies: list[int] = []
+    original: dict[int, int] = {}                       # packet id -> its mark when queued
+
+    def _merged(marks, packet_id, mark):
+        """The verdict's value in our bits; other tools' bits as the packet had them."""
+        had = marks.pop(packet_id, 0)
+        return None if mark is None else (had & ~spec.mask) | mark
+
     running = True
     while running:
         ready, _, _ = select.select([queue, conn], [], [], 0.05)
@@ -57,18 +87,24 @@ def _serve(spec: GateSpec, conn, events) -> None:
             kind, *rest = conn.recv()
             if kind == "binding":
                 gate.bind(rest[0])
+            elif kind == "root":
+                root[0] = rest[0]
             elif kind == "stop":
                 running = False
         if queue in ready:
             for packet in queue.read(timeout=0):
                 got = time.time_ns() // 1000
-                verdicts = gate.packet(packet.packet_id, packet.payload)
+                original[packet.packet_id] = packet.mark
+                verdicts = gate.packet(packet.packet_id, packet.payload, mark=packet.mark)
                 for packet_id, accept, mark in verdicts:
-                    queue.verdict(packet_id, accept, mark)
+                    queue.verdict(packet_id, accept, _merged(original, packet_id, mark))
                 if verdicts and verdicts[-1][2] is not None:
                     latencies.append(time.time_ns() // 1000 - got)
         for packet_id, accept, mark in gate.tick():
-            queue.verdict(packet_id, accept, mark)
+            queue.verdict(packet_id, accept, _merged(original, packet_id, mark))
+        for key, info in gate.owners:
+            events.send(("owner", key, info))
+        gate.owners.clear()
         for record in gate.decisions:
             critical = [f for f in record.findings
                         if f.severity is Severity.CRITICAL and not f.waived]
@@ -100,6 +136,10 @@ class GateProcess:
         kind, detail = self._conn.recv()
         if kind != "ready":
             raise RuntimeError(f"the gate could not start: {detail}")
+
+    def task_started(self, init_pid: int) -> None:
+        with self._lock:
+            self._conn.send(("root", init_pid))
 
     def bind(self, binding) -> None:
         with self._lock:

@@ -10,8 +10,9 @@ enforce mode (a dead gate must stop the task's new flows, not open them).
 After the gate, ``inet egress_gate`` (priority -140) copies the verdict from
 the packet mark to the conntrack mark (later packets of an allowed flow skip
 the queue; those of a blocked one meet the blocked-mark reject of
-``inet egress``), drops a packet marked block, and clears our mark bits so
-they never reach routing or other tools.
+``inet egress``), refuses a packet marked block (a TCP reset, else ICMP
+admin-prohibited: the task fails at once), and clears our mark bits so they
+never reach routing or other tools.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ TABLE = "inet egress_gate"
 PRIORITY = -140
 
 
-def marks(mask: int) -> tuple[int, int]:
-    """(block, allow): the lowest two values of the mask's bits."""
+def marks(mask: int) -> tuple[int, int, int]:
+    """(block, allow, deny): the lowest three values of the mask's bits. Deny is what the
+    ruleset marks a first packet it refuses with, for the gate to refuse."""
     block = mask & -mask
-    return block, block << 1
+    return block, block << 1, block << 2
 
 
 def _task_rules(host_if: str, queue: int, mask: int, audit: bool) -> list[list[str]]:
@@ -71,13 +73,14 @@ def remove(host_if: str, queue: int, mask: int, audit: bool) -> list[str]:
 
 def post_gate(mask: int) -> str:
     """The nft chain after the gate; idempotent, shared by every run."""
-    block, allow = marks(mask)
+    block, allow, _ = marks(mask)
     t = TABLE
     return f"""add table {t}
 add chain {t} post_gate {{ type filter hook forward priority {PRIORITY}; policy accept; }}
 flush chain {t} post_gate
 add rule {t} post_gate meta mark & {mask:#x} == {allow:#x} ct mark set ct mark | {allow:#x}
 add rule {t} post_gate meta mark & {mask:#x} == {block:#x} ct mark set ct mark | {block:#x}
-add rule {t} post_gate meta mark & {mask:#x} == {block:#x} drop
+add rule {t} post_gate meta mark & {mask:#x} == {block:#x} meta l4proto tcp reject with tcp reset
+add rule {t} post_gate meta mark & {mask:#x} == {block:#x} reject with icmpx type admin-prohibited
 add rule {t} post_gate meta mark & {mask:#x} != 0 meta mark set meta mark & {~mask & 0xFFFFFFFF:#x}
 """

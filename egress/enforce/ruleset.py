@@ -192,6 +192,10 @@ class TaskRules:
     block_mark: int = BLOCK_MARK
     deadman_seconds: int = DEADMAN_SECONDS
     """Seconds the task stays live without a re-arm; 0: no dead-man's switch."""
+    deny_mark: int | None = None
+    """With an inline gate (egress run): enforce mode marks a refused TCP or UDP first
+    packet with this value and lets the gate refuse it, after it has found the socket's
+    process (the socket is gone once the task sees the reset). None: refused here."""
     priority: int = PRIORITY
     """Of the shared base chains: the same for every task of a host."""
     cgroup_mount: str | None = field(default=None, repr=False)
@@ -221,6 +225,10 @@ class TaskRules:
                              f"inside the mark mask {self.mark_mask:#x}")
         if self.deadman_seconds < 0:
             raise ValueError("deadman_seconds must be 0 (off) or more")
+        if self.deny_mark is not None and (self.deny_mark & ~self.mark_mask or not self.deny_mark
+                                           or self.deny_mark == self.block_mark):
+            raise ValueError(f"deny mark {self.deny_mark:#x} must be a non-zero value inside "
+                             f"the mark mask {self.mark_mask:#x}, not the block mark")
 
 
 def names(task: str) -> str:
@@ -423,7 +431,11 @@ def _egress_rules(r: TaskRules) -> list[str]:
         else:
             what = f"{g.transport} dport {_ports_text(g.ports)}"
         rules.append(f"{family} daddr @{p}_c{g.family}_{i} {what} counter accept")
-    if r.mode == "enforce":                                                  # 5
+    if r.mode == "enforce" and r.deny_mark:                                  # 5
+        rules.append(f"meta l4proto {{ tcp, udp }} {_log(r, f'egress deny {tag}')} "
+                     f"meta mark set meta mark | {r.deny_mark:#010x} accept")
+        rules += _reject(r, "", f"egress deny {tag}")
+    elif r.mode == "enforce":
         rules += _reject(r, "", f"egress deny {tag}")
     else:
         rules.append(f"{_log(r, f'egress audit {tag}')} accept")

@@ -150,6 +150,7 @@ class TaskRun:
         self.losses: list[str] = []
         self._box: sandbox.Sandbox | None = None
         self._killed = False
+        self._owners = None
         self._init_pid: int | None = None
         self.ct_stats: dict = {}
         self._nft_lock = threading.Lock()
@@ -201,7 +202,7 @@ class TaskRun:
         opts = self.opts
         nets = parse_networks([net.net4, net.net6])
         who = Attribution(task=opts.task, local=nets)
-        owners = Owners(net.netns_path, self._task_init, nets)
+        owners = self._owners = Owners(net.netns_path, self._task_init, nets)
         source = LiveSource(items, who, owners=owners)
         try:
             result["flows"] = replay(source, opts.purpose, task=opts.task, mode=opts.mode,
@@ -240,17 +241,24 @@ class TaskRun:
         while not stop.is_set():
             try:
                 if gate.events.poll(0.2):
-                    _, where, findings = gate.events.recv()
-                    self._critical(findings, where)
+                    kind, *rest = gate.events.recv()
+                    if kind == "critical":
+                        self._critical(rest[1], rest[0])
+                    elif kind == "owner" and self._owners is not None:
+                        self._owners.add(*rest)
             except (EOFError, OSError):
                 return
 
-    def _task_init(self) -> int | None:
+    def _task_init(self, wait: bool = False) -> int | None:
         """The host pid of the task's PID-namespace init (the root of its process tree)."""
-        if self._init_pid is None and self._box is not None and self._box.proc is not None:
-            from egress.enforce.owners import children
+        from egress.enforce.owners import children
+        deadline = time.monotonic() + (2 if wait else 0)
+        while self._init_pid is None and self._box is not None and self._box.proc is not None:
             found = children(self._box.proc.pid)
             self._init_pid = found[0] if found else None
+            if self._init_pid is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(0.005)
         return self._init_pid
 
     # ------------------------------------------------------------ run
@@ -274,7 +282,8 @@ class TaskRun:
                           resolver4=net.host4, resolver6=net.host6,
                           task_addr4=net.task4, task_addr6=net.task6,
                           nflog_group=net.nflog_group + 1, deadman_seconds=opts.deadman_s,
-                          mark_mask=opts.mark_mask, block_mark=opts.mark_mask & -opts.mark_mask,
+                          mark_mask=opts.mark_mask, block_mark=gaterules.marks(opts.mark_mask)[0],
+                          deny_mark=gaterules.marks(opts.mark_mask)[2],
                           priority=opts.priority)
         net.removal = remove_nft(rules) + recording.remove(net.host_if)
         net.save()
@@ -283,14 +292,16 @@ class TaskRun:
         box = switch = resolver = reader = logger = judge = gate = ct = ct_thread = None
         nets = [ipaddress.ip_network(net.net4), ipaddress.ip_network(net.net6)]
         stop_log = threading.Event()
-        block, allow = gaterules.marks(opts.mark_mask)
+        block, allow, deny = gaterules.marks(opts.mark_mask)
         try:
             # The gate first, forked before any thread of ours exists; then the rules and
             # the switch, then the resolver, then the command: each step fails closed.
             gate = GateProcess(GateSpec(queue=net.queue, task=opts.task, purpose=opts.purpose,
                                         mode=Mode(opts.mode), allow_mark=allow,
                                         block_mark=block, min_ttl=opts.min_ttl,
-                                        own_resolvers=frozenset({net.host4, net.host6})))
+                                        own_resolvers=frozenset({net.host4, net.host6}),
+                                        mask=opts.mark_mask, deny_mark=deny,
+                                        netns_path=net.netns_path))
             gate.wait_ready()
             threading.Thread(target=self._watch_gate, args=(gate, stop_log),
                              name="egress-gate-events", daemon=True).start()
@@ -328,6 +339,8 @@ class TaskRun:
                                   resolv_conf=str(net.resolv_conf))
             box.start()
             self._box = box
+            if self._task_init(wait=True) is not None:
+                gate.task_started(self._init_pid)
             net.task_pid = box.proc.pid
             net.save()
             previous = {s: signal.signal(s, lambda signum, _f: box.signal(signum))

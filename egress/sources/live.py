@@ -116,6 +116,10 @@ class Owners:
         self.found[key[:5]] = ProcessInfo(pid=info.pid, ppid=info.ppid, uid=info.uid,
                                           exe=info.exe, cmdline=" ".join(info.cmdline))
 
+    def add(self, key: tuple, info) -> None:
+        """An owner found elsewhere (the gate, for a first packet it refused)."""
+        self.found[tuple(key)] = info
+
     def of(self, proto, src, sport, dst, dport):
         return self.found.pop((proto, src, sport, dst, dport), None)
 

@@ -106,6 +106,10 @@ class Lab:
         # ip netns exec bind-mounts this over /etc/resolv.conf for the host's commands.
         (netns_etc / "resolv.conf").write_text(f"nameserver {LINK_NET}\n")
 
+    def cleanup_later(self, path: Path) -> None:
+        """Remove a file made outside the lab's folder when the lab closes."""
+        self._made.append(("file", Path(path)))
+
     def add_server_address(self, address: str) -> None:
         """An address of the fake internet (on its loopback, so only the lab reaches it)."""
         bits = 128 if ":" in address else 32
@@ -331,6 +335,9 @@ ClientAliveInterval 5
                 self._sh("ip", "netns", "del", what, check=False)
             elif kind == "dir":
                 shutil.rmtree(what, ignore_errors=True)
+            elif kind == "file":
+                with contextlib.suppress(FileNotFoundError):
+                    what.unlink()
             elif kind == "empty-dir":
                 with contextlib.suppress(OSError):
                     what.rmdir()             # only if no other lab still uses it
