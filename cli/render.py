@@ -279,6 +279,8 @@ def run_summary(con: Console, task: str, mode, result) -> None:
         con.print(f"gate: {g.get('allowed', 0):,} flows allowed, {g.get('blocked', 0):,} blocked "
                   f"before their first payload left; verdict {p50:.2f} ms median, "
                   f"{p99:.2f} ms p99")
+    for line in result.notes:
+        con.print(escape(line))
     for line in result.losses:
         con.print(escape(f"warning: {line}"))
 

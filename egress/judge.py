@@ -49,6 +49,9 @@ class TaskPolicy:
 @dataclass
 class _Totals:
     connections: int = 0
+    counted: set[str] = field(default_factory=set)
+    """Flows already counted as connections (a live flow is judged again in its interim
+    records and at its end)."""
     bytes_out: int = 0
     over: set[str] = field(default_factory=set)
     """Limits already passed (each raises one task event)."""
@@ -318,8 +321,10 @@ class Judge:
         limits = policy.purpose.limits
         totals = self._totals.setdefault(policy.task, _Totals())
         if step is Step.START:
-            totals.connections += 1
-        else:
+            if flow.flow_id not in totals.counted:
+                totals.counted.add(flow.flow_id)
+                totals.connections += 1
+        elif flow.event == "final":
             totals.bytes_out += flow.bytes_out
         found = []
         for limit, allowed, total in (("connections", limits.connections, totals.connections),

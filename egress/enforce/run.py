@@ -31,7 +31,7 @@ from egress.enforce.resolver import Resolver
 from egress.enforce.ruleset import (Match, TaskRules, arm_deadman, elements_for_name,
                                     generate_nft, refresh_elements, remove_nft)
 from egress.enforce.ctevents import ConntrackEvents, dump as ct_dump
-from egress.records import Finding, Mode, Severity, TaskEvent
+from egress.records import Finding, Mode, Severity, TaskEvent, Verdict
 from egress.replay import ReplayResult
 from tagging.manifest import Purpose
 
@@ -64,6 +64,8 @@ class RunOptions:
     mark_mask: int = 0x00F00000
     priority: int = -180
     fail_on_violation: bool = False
+    interim_s: int = 60
+    """Seconds between interim records of long flows (a conntrack dump)."""
     kill_on: str | None = None
     """``critical``: a critical finding ends the task's whole process tree."""
 
@@ -80,6 +82,8 @@ class RunResult:
     """The recorded flows' summary (egress.replay.ReplayResult), when recorded."""
     losses: list[str] = field(default_factory=list)
     """What the record may lack, one line each (lost log messages, a switch not re-armed)."""
+    notes: list[str] = field(default_factory=list)
+    """What egress did to the task beyond its rules (flows cut while open, the task killed)."""
     gate: dict = field(default_factory=dict)
     """The gate's counters (held, allowed, blocked, decided on ...)."""
     gate_latency_us: list[int] = field(default_factory=list)
@@ -148,8 +152,11 @@ class TaskRun:
         self.on_event = on_event
         self.events: list[TaskEvent] = []
         self.losses: list[str] = []
+        self.notes: list[str] = []
         self._box: sandbox.Sandbox | None = None
         self._killed = False
+        self._cut: set[str] = set()
+        self._netns_path: str | None = None
         self._owners = None
         self._init_pid: int | None = None
         self.ct_stats: dict = {}
@@ -188,11 +195,50 @@ class TaskRun:
                 return
 
     def _read_conntrack(self, events, items: "queue.Queue", nets, stop: threading.Event) -> None:
-        """Conntrack DESTROY events of the task's flows -> the live source's queue."""
+        """Conntrack DESTROY events of the task's flows -> the live source's queue; and every
+        ``interim_s`` a dump of its open flows (cumulative counters) for interim records."""
+        next_dump = time.monotonic() + self.opts.interim_s
         while not stop.is_set():
             for event in events.read(timeout=0.2):
                 if event.kind == "destroy" and _ours(event, nets):
                     items.put(("ct", event))
+            if time.monotonic() >= next_dump:
+                next_dump = time.monotonic() + self.opts.interim_s
+                try:
+                    for entry in ct_dump():
+                        if _ours(entry, nets):
+                            items.put(("ct-interim", entry))
+                except OSError as e:
+                    self.losses.append(f"a conntrack dump failed: {e}")
+
+    def _late(self, record) -> None:
+        """A flow judged while open: critical findings may end the task; a block verdict
+        (enforce) cuts the flow now. Its conntrack entry gets the block mark (later packets
+        meet the blocked-mark reset; the entry is kept, or the next packet would start a new,
+        unmarked flow) and its sockets in the task are destroyed."""
+        self._critical(record.findings, f"{getattr(record, 'dst', 'task')}")
+        if getattr(record, "event", None) != "interim" or record.verdict is not Verdict.BLOCK \
+                or record.mode is not Mode.ENFORCE or record.flow_id in self._cut:
+            return
+        self._cut.add(record.flow_id)
+        block = gaterules.marks(self.opts.mark_mask)[0]
+        try:
+            for entry in ct_dump():
+                t = entry.orig
+                if t and (t.src, t.sport, t.dst, t.dport) == (record.src, record.sport,
+                                                              record.dst, record.dport):
+                    mark = (entry.mark & ~self.opts.mark_mask) | block
+                    tasknet.sh("conntrack", "-U", "-p", record.proto, "--orig-src", t.src,
+                               "--orig-dst", t.dst, "--sport", str(t.sport),
+                               "--dport", str(t.dport), "--mark", str(mark))
+            from egress.enforce.owners import destroy_sockets
+            destroy_sockets(self._netns_path, record.proto, record.src, record.sport,
+                            record.dst, record.dport)
+        except (OSError, tasknet.NetError) as e:
+            self.losses.append(f"cutting {record.dst}:{record.dport} late failed: {e}")
+            return
+        self.notes.append(f"cut {record.dst}:{record.dport} while open: "
+                           + ", ".join(f.id for f in record.findings if not f.waived))
 
     def _judge(self, items, net, result: dict) -> None:
         """The replay pipeline over the live source, in a thread of its own."""
@@ -207,8 +253,7 @@ class TaskRun:
         try:
             result["flows"] = replay(source, opts.purpose, task=opts.task, mode=opts.mode,
                                      min_ttl_s=opts.min_ttl, recorder=self.recorder,
-                                     on_record=lambda r: self._critical(
-                                         r.findings, getattr(r, "dst", "task")),
+                                     on_record=self._late,
                                      own_resolvers=frozenset({net.host4, net.host6}))
         except Exception as e:              # noqa: BLE001 - reported; the run goes on
             result["error"] = f"recording failed: {e}"
@@ -234,7 +279,7 @@ class TaskRun:
         self._event(TaskEvent(task=self.opts.task, time=time.time_ns() // 1000,
                               event="task-killed", findings=[dataclasses.replace(f)
                                                              for f in critical]))
-        self.losses.append(f"task killed: {', '.join(f.id for f in critical)} at {where}")
+        self.notes.append(f"task killed: {', '.join(f.id for f in critical)} at {where}")
 
     def _watch_gate(self, gate, stop: threading.Event) -> None:
         """Critical findings from the gate, as they are decided."""
@@ -277,6 +322,7 @@ class TaskRun:
 
         net = tasknet.create(opts.task, opts.pool4, opts.pool6, opts.uplink, opts.nflog_group,
                              opts.queue)
+        self._netns_path = net.netns_path
         rules = TaskRules(task=opts.task, purpose=opts.purpose,
                           match=Match("interface", net.host_if), mode=Mode(opts.mode).value,
                           resolver4=net.host4, resolver6=net.host6,
@@ -422,5 +468,6 @@ class TaskRun:
         return RunResult(status=status, command_status=command_status,
                          resolver=resolver.counters if resolver else {},
                          events=self.events, violations=violations, flows=flows, losses=losses,
+                         notes=self.notes,
                          gate=gate.stats if gate else {},
                          gate_latency_us=gate.latencies if gate else [])

@@ -182,6 +182,10 @@ class CaptureSource:
                                         flow.dport))
 
     def _finish(self, flow: Flow) -> None:
+        self._out.append(self._record(flow))
+
+    def _record(self, flow: Flow) -> FlowRecord:
+        """The flow's record as seen so far (final when the flow has ended)."""
         src, dst = self._addr(flow.src), self._addr(flow.dst)
         portless = flow.sport is None or flow.proto not in (6, 17, 132)
         try:
@@ -215,4 +219,4 @@ class CaptureSource:
             weird=sorted(flow.weird),
             observation=_observation(flow, fields.pop("kex_end", None)),
             **fields)
-        self._out.append(record)
+        return record

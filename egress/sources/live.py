@@ -12,7 +12,12 @@ its logged packets stop. A feeder puts on the queue, in arrival order:
     ("packet", time_us, ip_bytes)     a logged packet
     ("binding", NameBinding)          an answer of the task's resolver
     ("ct", CtEvent)                   a conntrack DESTROY event or dumped entry
+    ("ct-interim", CtEvent)           a periodic dump's entry: an interim record
     None                              the task has ended
+
+Watched flows (SSH) are judged again, as interim records, every few entries
+of their watch feed, and long flows at each periodic dump: a tunnel held for
+hours is on the record, and judged, before it closes.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ LINKTYPE_RAW = 101
 """Raw IPv4 or IPv6, which is what NFLOG hands over."""
 ACCOUNTED = (6, 17, 132)
 """Protocols whose conntrack entries we match to flows by their ports."""
+WATCH_EVERY = 8
+"""Watch-feed entries between two interim judgments of a watched (SSH) flow: a reverse
+tunnel is found while it is open, and can be cut."""
 
 
 class LiveSource(CaptureSource):
@@ -37,6 +45,7 @@ class LiveSource(CaptureSource):
         super().__init__([], attribution, **kw)
         self.items = items
         self.owners = owners
+        self._watched: dict = {}            # flow -> watch entries at its last judgment
 
     def _observed(self, flow) -> str:
         watched = flow.watch or flow.watched
@@ -59,11 +68,16 @@ class LiveSource(CaptureSource):
                 if self.owners is not None:
                     self.owners.first_packet(payload)
                 yield LINKTYPE_RAW, ts, payload, 0, len(payload), len(payload)
+                self._watch(payload)
                 continue
             if item[0] == "binding":
                 self._out.append(item[1])
             elif item[0] == "ct":
                 self._account(item[1])
+            elif item[0] == "ct-interim":
+                flow = self._account(item[1])
+                if flow is not None:
+                    self._interim(flow)
             yield LINKTYPE_RAW, 0, b"", 0, 0, 0       # lets what is pending out now
 
     def _account(self, event) -> None:
@@ -75,13 +89,40 @@ class LiveSource(CaptureSource):
                                 ipaddress.ip_address(t.dst).packed, t.sport, t.dport)
         if flow is None:
             self.stats.table["conntrack entries without a logged flow"] += 1
-            return
+            return None
         flow.pkts_o, flow.bytes_o = event.orig_packets, event.orig_bytes
         flow.pkts_r, flow.bytes_r = event.reply_packets or 0, event.reply_bytes or 0
         if event.stop_ns:
             flow.last = max(flow.last, event.stop_ns // 1000)
         if event.kind == "destroy":
             self._table.finish(flow)
+            return None
+        return flow
+
+    def _watch(self, payload: bytes) -> None:
+        key = _tuple(payload)
+        if key is None:
+            return
+        proto, src, sport, dst, dport, _ = key
+        flow = self._table.find(proto, ipaddress.ip_address(src).packed,
+                                ipaddress.ip_address(dst).packed, sport, dport)
+        if flow is None or flow.watch is None or flow.ident is None or flow.ident.app != "ssh":
+            return
+        if len(flow.watch) - self._watched.get(flow, 0) >= WATCH_EVERY:
+            self._watched[flow] = len(flow.watch)
+            self._interim(flow)
+
+    def _interim(self, flow) -> None:
+        record = self._record(flow)
+        record.event = "interim"
+        self._out.append(record)
+
+    def _finish(self, flow) -> None:
+        super()._finish(flow)
+        self._watched.pop(flow, None)
+        if self.owners is not None:
+            self.owners.forget(flow.proto, self._addr(flow.src), flow.sport,
+                               self._addr(flow.dst), flow.dport)
 
 
 class Owners:
@@ -121,7 +162,10 @@ class Owners:
         self.found[tuple(key)] = info
 
     def of(self, proto, src, sport, dst, dport):
-        return self.found.pop((proto, src, sport, dst, dport), None)
+        return self.found.get((proto, src, sport, dst, dport))
+
+    def forget(self, proto, src, sport, dst, dport) -> None:
+        self.found.pop((proto, src, sport, dst, dport), None)
 
     def close(self) -> None:
         self.diag.close()

@@ -5,7 +5,9 @@ TLS to the same kind of rule passes; audit mode lets it through and flags it."""
 import json
 import os
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 from tests.lab.test_run import EGRESS, stored
 
@@ -104,3 +106,47 @@ def test_daemons_end_with_the_command(lab):
     time.sleep(0.5)
     left = subprocess.run(["pgrep", "-f", f"^sleep {marker}$"], capture_output=True, text=True)
     assert left.stdout == "", left.stdout
+
+
+def test_a_reverse_tunnel_found_while_open_is_cut(lab):
+    """-R hidden in a config file (the command line says nothing): the tunnel is found from
+    its traffic while it runs, its conntrack entry marked blocked and its socket destroyed."""
+    lab.start_dns({"relay.lab": "198.51.100.7"})
+    key = lab.start_sshd("198.51.100.7", 22)
+    shared = Path(tempfile.mkdtemp(prefix="egress-lab-ssh-"))
+    lab.cleanup_later(shared / "config")
+    lab.cleanup_later(shared / "key")
+    (shared / "key").write_bytes(key.read_bytes())
+    (shared / "config").write_text(
+        "Host relay.lab\n  User root\n  IdentityFile " + str(shared / "key") + "\n"
+        "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  BatchMode yes\n"
+        "  RemoteForward 9000 127.0.0.1:8080\n")
+    os.chmod(shared, 0o755)
+    os.chmod(shared / "config", 0o644)
+    os.chmod(shared / "key", 0o644)           # ssh refuses a key others can read: as root only
+    purpose = lab.dir / "ssh.toml"
+    purpose.write_text('version = 1\npurpose = "Deploy to the relay"\ntask = "lab-gate"\n'
+                       '[[allow]]\nhost = "relay.lab"\nports = [22]\nprotocol = "ssh"\n')
+    script = ("python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 & "
+              f"cp {shared}/key /tmp/k.$$; chmod 600 /tmp/k.$$; "
+              f"sed 's|IdentityFile .*|IdentityFile /tmp/k.'$$'|' {shared}/config > /tmp/c.$$; "
+              "ssh -F /tmp/c.$$ -N relay.lab; echo ssh ended $?; rm -f /tmp/k.$$ /tmp/c.$$")
+    run = lab.spawn("host", EGRESS, "run", "--task", "lab-gate", "--purpose", purpose,
+                    "--mode", "enforce", "--db", lab.dir / "egress.db", "--", "sh", "-c",
+                    script, log="late.log")
+    lab.wait_port("127.0.0.1", 9000, timeout=20)
+    served = 0
+    for _ in range(12):
+        got = lab.net("curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}",
+                      "http://127.0.0.1:9000/", check=False)
+        if got.stdout != "200":
+            break
+        served += 1
+        time.sleep(0.4)
+    assert run.wait(timeout=30) == 0
+    log = (lab.dir / "late.log").read_text()
+    assert 3 <= served < 12, log
+    assert "ssh ended" in log and "cut 198.51.100.7:22 while open" in log, log
+    ssh = [r for r in stored(lab) if r.get("kind") == "flow" and r["dport"] == 22]
+    assert ssh and "reverse-ssh-tunnel" in {f["id"] for f in ssh[0]["findings"]}
+    assert ssh[0]["verdict"] == "block"
