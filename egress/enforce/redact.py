@@ -63,18 +63,27 @@ def secret_option(name: str) -> bool:
     return False
 
 
-_ENV_SECRET = re.compile(r"TOKEN|SECRET|PASSW|PASSPHRASE|PWD|KEY|AUTH|CREDENTIAL|COOKIE|"
-                         r"SESSION|SIGNATURE|PRIVATE", re.I)
 _ENV_NOT_SECRET = {"PWD", "OLDPWD", "KEYMAP", "XKB_DEFAULT_KEYMAP", "GPG_KEY_ID",
                    "SSH_AUTH_SOCK"}
 
 
+_ENV_SECRET_WORDS = {"token", "secret", "secrets", "passphrase", "pwd", "auth", "credential",
+                     "credentials", "cookie", "session", "signature", "private", "apikey"}
+
+
 def secret_env(key: str) -> bool:
-    """Does an environment variable of this name look like it holds a secret?"""
+    """Does a ``KEY=VALUE`` name look like it holds a secret? By its words (AWS_SECRET_KEY,
+    apiKey, DB_PASSWORD), so that StrictHostKeyChecking or KEYMAP are left alone."""
     upper = key.upper()
     if upper in _ENV_NOT_SECRET or upper.endswith(("_FILE", "_PATH", "_DIR", "_URL_FILE")):
         return False
-    return bool(_ENV_SECRET.search(key))
+    words = _words(key)
+    if not words or words[-1] in _NOT_A_VALUE:
+        return False
+    if any(w in _ENV_SECRET_WORDS or "passw" in w or w.endswith("token") for w in words):
+        return True
+    return words[-1] == "key" or any(
+        w == "key" and i and words[i - 1] in _KEY_QUALIFIERS for i, w in enumerate(words))
 
 
 # ----------------------------------------------------------------- patterns

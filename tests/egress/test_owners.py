@@ -142,7 +142,10 @@ def test_secret_option(name, secret):
 @pytest.mark.parametrize("key, secret", [
     ("GITHUB_TOKEN", True), ("PGPASSWORD", True), ("AWS_SECRET_ACCESS_KEY", True),
     ("MYSQL_PWD", True), ("HTTP_AUTH", True), ("PWD", False), ("OLDPWD", False),
-    ("PATH", False), ("HOME", False), ("TOKEN_FILE", False), ("SSH_AUTH_SOCK", False)])
+    ("PATH", False), ("HOME", False), ("TOKEN_FILE", False), ("SSH_AUTH_SOCK", False),
+    # ssh -o options: a word inside a name is not a secret name
+    ("StrictHostKeyChecking", False), ("HostKeyAlias", False), ("KEYMAP", False),
+    ("apiKey", True), ("LICENSE_KEY", True)])
 def test_secret_env(key, secret):
     assert secret_env(key) is secret
 
