@@ -68,7 +68,8 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
            min_ttl_s: int | None = None, recorder: Recorder | None = None,
            on_record: Callable[[FlowRecord | TaskEvent], None] | None = None,
            skipped: Counter | None = None,
-           own_resolvers: frozenset[str] = frozenset()) -> ReplayResult:
+           own_resolvers: frozenset[str] = frozenset(),
+           action_of: Callable[[FlowRecord], object] | None = None) -> ReplayResult:
     """Judge a source's items under ``purpose``, in the order the source gives them.
 
     A source gives DNS bindings when the answer was seen and flows when they
@@ -77,7 +78,8 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
     keeps the task it was recorded with. ``purposes`` gives tasks their own
     purpose (a tasks file); ``purpose`` is for every other task. Untagged
     flows stay untagged and are flagged. ``own_resolvers``: live, the addresses of the
-    task's own resolver, whose answers bind names.
+    task's own resolver, whose answers bind names. ``action_of``: live, what the kernel
+    did with a judged flow (the record's ``action``; null in replay).
     """
     purposes = purposes or {}
     owner = task or (purpose.task if purpose else None)
@@ -152,6 +154,8 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
             span[1] = max(span[1], flow.end or flow.start)
         judge.judge_flow(flow)
         flow.observation = None     # judged: what was seen stays out of the store and output
+        if action_of is not None:
+            flow.action = action_of(flow)
         emit(flow)
         for event in judge.events():
             emit(event)

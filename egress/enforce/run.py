@@ -31,7 +31,7 @@ from egress.enforce.resolver import Resolver
 from egress.enforce.ruleset import (Match, TaskRules, arm_deadman, elements_for_name,
                                     generate_nft, refresh_elements, remove_nft)
 from egress.enforce.ctevents import ConntrackEvents, dump as ct_dump
-from egress.records import Finding, Mode, Severity, TaskEvent, Verdict
+from egress.records import Action, Finding, Mode, Severity, TaskEvent, Verdict
 from egress.replay import ReplayResult
 from tagging.manifest import Purpose
 
@@ -211,6 +211,13 @@ class TaskRun:
                 except OSError as e:
                     self.losses.append(f"a conntrack dump failed: {e}")
 
+    def _action(self, record) -> Action:
+        """What the kernel did: enforce mode refuses what is blocked (at its first packet or
+        payload), or cut it while open; the rest passed."""
+        if record.verdict is Verdict.BLOCK and record.mode is Mode.ENFORCE:
+            return Action.KILLED if record.flow_id in self._cut else Action.REJECTED
+        return Action.PASSED
+
     def _late(self, record) -> None:
         """A flow judged while open: critical findings may end the task; a block verdict
         (enforce) cuts the flow now. Its conntrack entry gets the block mark (later packets
@@ -253,7 +260,7 @@ class TaskRun:
         try:
             result["flows"] = replay(source, opts.purpose, task=opts.task, mode=opts.mode,
                                      min_ttl_s=opts.min_ttl, recorder=self.recorder,
-                                     on_record=self._late,
+                                     on_record=self._late, action_of=self._action,
                                      own_resolvers=frozenset({net.host4, net.host6}))
         except Exception as e:              # noqa: BLE001 - reported; the run goes on
             result["error"] = f"recording failed: {e}"

@@ -100,8 +100,10 @@ def test_the_incident_live(lab, mode):
         assert "-R 9000:127.0.0.1:8080" in flow["process"]["cmdline"]
     assert miner["process"]["exe"].endswith("bash")
 
+    assert {f["action"] for f in index} == {"passed"}
     if mode == "enforce":
         assert {f["verdict"] for f in (relay, tunnel, miner)} == {"block"}
+        assert {f["action"] for f in (relay, tunnel, miner)} == {"rejected"}
         assert all(path.read_bytes() == b"" for path in received.values())
     else:
         assert {f["verdict"] for f in (relay, tunnel, miner)} == {"flag"}
