@@ -6,7 +6,7 @@ import time
 from scapy.layers.inet import IP, TCP, UDP
 
 from egress.enforce.gate import Caps, Gate
-from egress.records import Mode, NameBinding
+from egress.records import Mode, NameBinding, Step
 from tagging import manifest
 from tests.egress.identify.test_tls import make_hello, records
 
@@ -118,3 +118,17 @@ def test_an_undeclared_udp_flow_is_blocked_at_its_first_datagram():
 def test_garbage_is_dropped_in_enforce_and_passed_in_audit():
     assert gate().packet(1, b"\x45\x00") == [(1, False, None)]
     assert gate(Mode.AUDIT).packet(1, b"\x45\x00") == [(1, True, None)]
+
+
+def test_a_detector_that_raises_blocks_the_flow_in_enforce_mode():
+    class Broken:
+        name, steps = "broken", frozenset({Step.GATE})
+
+        def inspect(self, flow, ctx):
+            raise RuntimeError("bug")
+
+    g = gate()
+    g.judge.detectors.append(Broken())
+    handshake(g, INDEX)
+    assert g.packet(2, tcp(INDEX, records(make_hello(sni="pypi.lab")))) == [(2, True, BLOCK)]
+    assert "internal-error" in {f.id for f in g.decisions[0].findings}
