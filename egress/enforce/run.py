@@ -11,10 +11,7 @@ task has no egress at all; ``egress cleanup`` removes what is left.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-from collections import Counter
 import os
-import queue
 import signal
 import stat
 import threading
@@ -30,9 +27,8 @@ from egress.detectors import live_window
 from egress.enforce.resolver import Resolver
 from egress.enforce.ruleset import (Match, TaskRules, arm_deadman, elements_for_name,
                                     generate_nft, refresh_elements, remove_nft)
-from egress.enforce.ctevents import ConntrackEvents, dump as ct_dump
-from egress.records import Action, Finding, Mode, Severity, TaskEvent, Verdict
-from egress.replay import ReplayResult
+from egress.enforce.liverecord import LiveRecorder
+from egress.records import Mode, Severity, TaskEvent
 from tagging.manifest import Purpose
 
 FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
@@ -117,15 +113,6 @@ def host_upstream() -> tuple[str, int]:
                    "(configuration key upstream)")
 
 
-def _ours(event, nets) -> bool:
-    """A conntrack entry of the task: its original source is one of the task's subnets."""
-    t = event.orig
-    if t is None or not t.src:
-        return False
-    address = ipaddress.ip_address(t.src)
-    return any(address in n for n in nets)
-
-
 class _Switch(threading.Thread):
     """Re-arms the dead-man's switch three times per timeout, until stopped."""
 
@@ -155,11 +142,8 @@ class TaskRun:
         self.notes: list[str] = []
         self._box: sandbox.Sandbox | None = None
         self._killed = False
-        self._cut: set[str] = set()
-        self._netns_path: str | None = None
-        self._owners = None
+        self._live: LiveRecorder | None = None
         self._init_pid: int | None = None
-        self.ct_stats: dict = {}
         self._nft_lock = threading.Lock()
         self._nft: Nft | None = None
 
@@ -182,92 +166,6 @@ class TaskRun:
         self.events.append(event)
         if self.on_event:
             self.on_event(event)
-
-    # ------------------------------------------------------------ record
-
-    def _read_log(self, reader, items: "queue.Queue", stop: threading.Event) -> None:
-        """NFLOG -> the live source's queue, until the task has ended and the log is drained."""
-        while True:
-            got = reader.read(timeout=0.2)
-            for packet in got:
-                items.put(("packet", packet.time, packet.payload))
-            if not got and stop.is_set():
-                return
-
-    def _read_conntrack(self, events, items: "queue.Queue", nets, stop: threading.Event) -> None:
-        """Conntrack DESTROY events of the task's flows -> the live source's queue; and every
-        ``interim_s`` a dump of its open flows (cumulative counters) for interim records."""
-        next_dump = time.monotonic() + self.opts.interim_s
-        while not stop.is_set():
-            for event in events.read(timeout=0.2):
-                if event.kind == "destroy" and _ours(event, nets):
-                    items.put(("ct", event))
-            if time.monotonic() >= next_dump:
-                next_dump = time.monotonic() + self.opts.interim_s
-                try:
-                    for entry in ct_dump():
-                        if _ours(entry, nets):
-                            items.put(("ct-interim", entry))
-                except OSError as e:
-                    self.losses.append(f"a conntrack dump failed: {e}")
-
-    def _action(self, record) -> Action:
-        """What the kernel did: enforce mode refuses what is blocked (at its first packet or
-        payload), or cut it while open; the rest passed."""
-        if record.verdict is Verdict.BLOCK and record.mode is Mode.ENFORCE:
-            return Action.KILLED if record.flow_id in self._cut else Action.REJECTED
-        return Action.PASSED
-
-    def _late(self, record) -> None:
-        """A flow judged while open: critical findings may end the task; a block verdict
-        (enforce) cuts the flow now. Its conntrack entry gets the block mark (later packets
-        meet the blocked-mark reset; the entry is kept, or the next packet would start a new,
-        unmarked flow) and its sockets in the task are destroyed."""
-        self._critical(record.findings, f"{getattr(record, 'dst', 'task')}")
-        if getattr(record, "event", None) != "interim" or record.verdict is not Verdict.BLOCK \
-                or record.mode is not Mode.ENFORCE or record.flow_id in self._cut:
-            return
-        self._cut.add(record.flow_id)
-        block = gaterules.marks(self.opts.mark_mask)[0]
-        try:
-            for entry in ct_dump():
-                t = entry.orig
-                if t and (t.src, t.sport, t.dst, t.dport) == (record.src, record.sport,
-                                                              record.dst, record.dport):
-                    mark = (entry.mark & ~self.opts.mark_mask) | block
-                    tasknet.sh("conntrack", "-U", "-p", record.proto, "--orig-src", t.src,
-                               "--orig-dst", t.dst, "--sport", str(t.sport),
-                               "--dport", str(t.dport), "--mark", str(mark))
-            from egress.enforce.owners import destroy_sockets
-            destroy_sockets(self._netns_path, record.proto, record.src, record.sport,
-                            record.dst, record.dport)
-        except (OSError, tasknet.NetError) as e:
-            self.losses.append(f"cutting {record.dst}:{record.dport} late failed: {e}")
-            return
-        self.notes.append(f"cut {record.dst}:{record.dport} while open: "
-                           + ", ".join(f.id for f in record.findings if not f.waived))
-
-    def _judge(self, items, net, result: dict) -> None:
-        """The replay pipeline over the live source, in a thread of its own."""
-        from egress.replay import replay
-        from egress.sources.live import LiveSource, Owners
-        from tagging.attribution import Attribution, parse_networks
-        opts = self.opts
-        nets = parse_networks([net.net4, net.net6])
-        who = Attribution(task=opts.task, local=nets)
-        owners = self._owners = Owners(net.netns_path, self._task_init, nets)
-        source = LiveSource(items, who, owners=owners)
-        try:
-            result["flows"] = replay(source, opts.purpose, task=opts.task, mode=opts.mode,
-                                     min_ttl_s=opts.min_ttl, recorder=self.recorder,
-                                     on_record=self._late, action_of=self._action,
-                                     own_resolvers=frozenset({net.host4, net.host6}))
-        except Exception as e:              # noqa: BLE001 - reported; the run goes on
-            result["error"] = f"recording failed: {e}"
-        finally:
-            owners.close()
-        result["stats"] = source.stats
-        result["owners_missed"] = owners.misses
 
     def _critical(self, findings, where: str) -> None:
         """A critical finding: with --kill-on critical, end the task (SIGKILL to the init of
@@ -296,8 +194,8 @@ class TaskRun:
                     kind, *rest = gate.events.recv()
                     if kind == "critical":
                         self._critical(rest[1], rest[0])
-                    elif kind == "owner" and self._owners is not None:
-                        self._owners.add(*rest)
+                    elif kind == "owner" and self._live is not None:
+                        self._live.owner(*rest)
             except (EOFError, OSError):
                 return
 
@@ -317,7 +215,6 @@ class TaskRun:
 
     def run(self) -> RunResult:
         from egress.enforce import recording
-        from egress.enforce.nflog import NflogReader
         opts = self.opts
         if os.geteuid() != 0:
             raise RunError("egress run needs root (it makes network namespaces and loads "
@@ -329,7 +226,6 @@ class TaskRun:
 
         net = tasknet.create(opts.task, opts.pool4, opts.pool6, opts.uplink, opts.nflog_group,
                              opts.queue)
-        self._netns_path = net.netns_path
         rules = TaskRules(task=opts.task, purpose=opts.purpose,
                           match=Match("interface", net.host_if), mode=Mode(opts.mode).value,
                           resolver4=net.host4, resolver6=net.host6,
@@ -340,10 +236,10 @@ class TaskRun:
                           priority=opts.priority)
         net.removal = remove_nft(rules) + recording.remove(net.host_if)
         net.save()
-        items: queue.Queue = queue.Queue()
-        judged: dict = {}
-        box = switch = resolver = reader = logger = judge = gate = ct = ct_thread = None
-        nets = [ipaddress.ip_network(net.net4), ipaddress.ip_network(net.net6)]
+        live = self._live = LiveRecorder(
+            opts, net, recorder=self.recorder, task_init=self._task_init,
+            on_record=lambda r: self._critical(r.findings, getattr(r, "dst", "task")))
+        box = switch = resolver = gate = None
         stop_log = threading.Event()
         block, allow, deny = gaterules.marks(opts.mark_mask)
         try:
@@ -368,23 +264,12 @@ class TaskRun:
             gaterules.add(**net.gate)
             switch = _Switch(self._apply, rules)
             switch.start()
-            ct = ConntrackEvents(groups=("destroy",))
-            ct_thread = threading.Thread(target=self._read_conntrack,
-                                         args=(ct, items, nets, stop_log),
-                                         name="egress-conntrack", daemon=True)
-            ct_thread.start()
-            reader = NflogReader(net.nflog_group, snaplen=recording.SNAPLEN)
-            logger = threading.Thread(target=self._read_log, args=(reader, items, stop_log),
-                                      name="egress-nflog", daemon=True)
-            logger.start()
-            judge = threading.Thread(target=self._judge, args=(items, net, judged),
-                                     name="egress-judge", daemon=True)
-            judge.start()
+            live.start()
             resolver = Resolver(opts.purpose, opts.task,
                                 [(net.host4, 53), (net.host6, 53)], upstream,
                                 on_allow=lambda name, addrs: self._allow(rules, name, addrs),
                                 on_event=self._event,
-                                on_binding=lambda b: (gate.bind(b), items.put(("binding", b))),
+                                on_binding=lambda b: (gate.bind(b), live.binding(b)),
                                 min_ttl=opts.min_ttl, host_addresses=tasknet.host_addresses())
             resolver.start()
             net.resolv_conf.write_text(f"nameserver {net.host4}\nnameserver {net.host6}\n")
@@ -420,49 +305,20 @@ class TaskRun:
                 except Exception:           # noqa: BLE001 - cleanup removes what is left
                     pass
             stop_log.set()
-            for thread in (logger, ct_thread):
-                if thread:
-                    thread.join(timeout=10)
-            # Flows still open get conntrack's totals so far (closed TCP flows sit in
-            # TIME_WAIT for minutes before their DESTROY).
-            try:
-                for entry in ct_dump():
-                    if _ours(entry, nets):
-                        items.put(("ct", entry))
-            except OSError as e:
-                self.losses.append(f"the last conntrack dump failed: {e}")
+            live.stop_reading()
             tasknet.remove(net)
-            items.put(None)
-            if judge:
-                judge.join(timeout=60)
-            if reader:
-                reader.close()
-            if ct:
-                self.ct_stats = ct.stats()
-                ct.close()
+            flows = live.finish()
             if self._nft:
                 self._nft.close()
-        return self._result(command_status, resolver, reader, switch, judged, gate)
+        return self._result(command_status, resolver, switch, flows, gate)
 
-    def _result(self, command_status, resolver, reader, switch, judged, gate) -> RunResult:
-        opts = self.opts
-        flows = judged.get("flows") or ReplayResult(tasks={}, skipped=Counter(),
-                                                    violations=False)
-        losses = self.losses + ([judged["error"]] if "error" in judged else [])
-        log = reader.stats() if reader else {}
-        lost = []
-        if log.get("lost") or log.get("overruns"):
-            lost.append((log["lost"] + log["overruns"], "NFLOG sequence gaps and overruns"))
-        if self.ct_stats.get("lost"):
-            lost.append((self.ct_stats["lost"], "conntrack event overruns"))
-        for count, reason in lost:
-            losses.append(f"{reason}: {count:,} lost; flows may be missing or undercounted")
-            self._event(TaskEvent(task=opts.task, time=time.time_ns() // 1000,
-                                  event="events-lost",
-                                  findings=[Finding.make("events-lost", count=count,
-                                                         reason=reason)]))
+    def _result(self, command_status, resolver, switch, flows, gate) -> RunResult:
+        opts, live = self.opts, self._live
+        for event in live.lost_events():
+            self._event(event)
+        losses = self.losses + live.losses
         if self.recorder and self.events:
-            if "flows" not in judged or opts.task not in judged["flows"].tasks:
+            if opts.task not in flows.tasks:
                 self.recorder.task(opts.task, opts.purpose, opts.mode, self.events[0].time)
             self.recorder.records(self.events)
             self.recorder.end_task(opts.task, time.time_ns() // 1000)
@@ -475,6 +331,6 @@ class TaskRun:
         return RunResult(status=status, command_status=command_status,
                          resolver=resolver.counters if resolver else {},
                          events=self.events, violations=violations, flows=flows, losses=losses,
-                         notes=self.notes,
+                         notes=self.notes + live.notes,
                          gate=gate.stats if gate else {},
                          gate_latency_us=gate.latencies if gate else [])
