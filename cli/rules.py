@@ -34,6 +34,16 @@ def _by_family(option: str, addresses: tuple[str, ...]) -> dict[int, str]:
     return out
 
 
+def _resolve_ipv4(name: str) -> list[str]:
+    """The IPv4 addresses of a name now, by this host's resolver (none when it fails)."""
+    import socket
+    try:
+        found = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return sorted({info[4][0] for info in found})
+
+
 @rules_group.command("generate", context_settings=CONTEXT)
 @click.option("--purpose", "purpose_file", required=True, type=click.Path(dir_okay=False),
               help="The task's purpose manifest.")
@@ -57,8 +67,12 @@ def _by_family(option: str, addresses: tuple[str, ...]) -> dict[int, str]:
               show_default=True, metavar="SECONDS",
               help="The task loses all egress unless its switch is re-armed within this "
                    "time; 0: no dead-man's switch.")
+@click.option("--resolve-now", is_flag=True,
+              help="iptables: resolve the host rules' names now (this host's resolver) and "
+                   "write their addresses into the rules, with the time in a comment, "
+                   "instead of sets a resolver fills. Wildcard names are left out.")
 def generate(purpose_file, match_text, task, mode, fmt, resolver, task_address,
-             deadman) -> None:
+             deadman, resolve_now) -> None:
     """Print the rules enforcing a purpose for one task's traffic.
 
     Names in host rules are allowed per address as the task's resolver
@@ -88,7 +102,8 @@ def generate(purpose_file, match_text, task, mode, fmt, resolver, task_address,
         if fmt == "nft":
             click.echo(ruleset.generate_nft(rules), nl=False)
         else:
-            ipset, iptables = ruleset.generate_iptables(rules)
+            ipset, iptables = ruleset.generate_iptables(
+                rules, resolve=_resolve_ipv4 if resolve_now else None)
             click.echo("# ---- part 1: ipset restore -exist ----")
             click.echo(ipset)
             click.echo("# ---- part 2: iptables-restore --noflush ----")
