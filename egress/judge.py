@@ -30,6 +30,13 @@ from tagging.rules import AllowRule, normalize_name
 POLICY_IDS = frozenset({"undeclared-destination", "protocol-mismatch", "ssh-egress",
                         "direct-ip", "sni-mismatch", "untagged"})
 _NO_CHANGE = object()
+
+
+def own_resolver_rule(address: str) -> AllowRule:
+    """The rule a live task's DNS to its own resolver (egress's) goes by."""
+    return AllowRule(origin="egress: the task's own resolver", host=None,
+                     cidr=str(ipaddress.ip_network(address)), ports=((53, 53),),
+                     transports=("udp", "tcp"), protocol="dns")
 TRANSPORT_OF = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "icmp6": "icmp",
                 "ipv6-icmp": "icmp"}
 
@@ -221,6 +228,10 @@ class Judge:
                                  reason="no task owns this flow")], None
         if policy is None:
             raise LookupError(f"no purpose is loaded for task {flow.task!r}")
+        if flow.dst in policy.own_resolvers and flow.dport == 53 \
+                and (step is Step.START or flow.app in (None, "dns")):
+            # live: the only DNS the task has (it refuses names itself)
+            return [], own_resolver_rule(flow.dst)
         rules = policy.purpose.rules
         at_gate = step is not Step.START
         app = flow.app if at_gate else None

@@ -1,9 +1,9 @@
 """The record of a live task: what the kernel logged and counted, judged as replay judges.
 
-Three feeds go onto one queue, in arrival order, for the live source
-(``egress.sources.live``): the first packets of each flow (NFLOG), the
-task resolver's answers, and conntrack's DESTROY events plus a dump every
-``interim_s`` (counters and interim records of long flows). A thread runs
+Two feeds go onto one queue, in arrival order, for the live source
+(``egress.sources.live``): the first packets of each flow and all the task's
+DNS (NFLOG; the answers bind names), and conntrack's DESTROY events plus a
+dump every ``interim_s`` (counters and interim records of long flows). A thread runs
 the replay pipeline over it. Records judged while their flow is open can
 cut it (``late``): in enforce mode a block verdict marks the flow's
 conntrack entry blocked (later packets meet the blocked-mark reset; the
@@ -70,9 +70,6 @@ class LiveRecorder:
             self._threads.append(thread)
         self._judge = threading.Thread(target=self._run_judge, name="egress-judge", daemon=True)
         self._judge.start()
-
-    def binding(self, binding) -> None:
-        self.items.put(("binding", binding))
 
     def owner(self, key: tuple, info) -> None:
         """A flow's process found elsewhere (the gate, for a packet it refused)."""

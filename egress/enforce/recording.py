@@ -1,4 +1,5 @@
-"""What reaches Python of a live task's traffic: the first packets of each flow, by NFLOG.
+"""What reaches Python of a live task's traffic: the first packets of each flow and all its
+DNS (to and from its resolver, on the host), by NFLOG.
 
 A table of its own (``inet egress_rec``), so recording and enforcing change
 independently. Its chain runs before the enforcing one (priority -190, after
@@ -23,23 +24,29 @@ SNAPLEN = 65535
 
 def _base() -> list[str]:
     t = TABLE
-    return [f"add table {t}",
-            f"add map {t} by_in {{ type ifname : verdict; }}",
-            f"add map {t} by_out {{ type ifname : verdict; }}",
-            f"add chain {t} forward_record {{ type filter hook forward priority {PRIORITY}; "
-            "policy accept; }",
-            f"flush chain {t} forward_record",
-            f"add rule {t} forward_record iifname vmap @by_in",
-            f"add rule {t} forward_record oifname vmap @by_out"]
+    lines = [f"add table {t}"]
+    for vmap in ("by_in", "by_out", "dns_in", "dns_out"):
+        lines.append(f"add map {t} {vmap} {{ type ifname : verdict; }}")
+    for chain, hook, rules in (
+            ("forward_record", "forward", ["iifname vmap @by_in", "oifname vmap @by_out"]),
+            # the task's DNS goes to the host (its resolver), not through it
+            ("input_record", "input", ["iifname vmap @dns_in"]),
+            ("output_record", "output", ["oifname vmap @dns_out"])):
+        lines += [f"add chain {t} {chain} {{ type filter hook {hook} priority {PRIORITY}; "
+                  "policy accept; }", f"flush chain {t} {chain}"]
+        lines += [f"add rule {t} {chain} {rule}" for rule in rules]
+    return lines
 
 
-def _chains(interface: str) -> tuple[str, str]:
-    return f"r_{interface}_out", f"r_{interface}_back"
+def _chains(interface: str) -> tuple[str, str, str, str]:
+    return (f"r_{interface}_out", f"r_{interface}_back", f"r_{interface}_dnsq",
+            f"r_{interface}_dnsa")
 
 
 def add(interface: str, group: int, packets: int) -> str:
     """Log the first ``packets`` packets of each flow through ``interface``, each way."""
-    t, (out, back) = TABLE, _chains(interface)
+    t, (out, back, query, answer) = TABLE, _chains(interface)
+    log = f"log group {group} snaplen {SNAPLEN}"
     lines = _base() + [
         f"add chain {t} {out}", f"flush chain {t} {out}",
         f"add rule {t} {out} ct direction original ct original packets <= {packets} "
@@ -48,15 +55,22 @@ def add(interface: str, group: int, packets: int) -> str:
         f"add rule {t} {back} ct direction reply ct reply packets <= {packets} "
         f"log group {group} snaplen {SNAPLEN}",
         f'add element {t} by_in {{ "{interface}" : jump {out} }}',
-        f'add element {t} by_out {{ "{interface}" : jump {back} }}']
+        f'add element {t} by_out {{ "{interface}" : jump {back} }}',
+        f"add chain {t} {query}", f"flush chain {t} {query}",
+        f"add rule {t} {query} meta l4proto {{ tcp, udp }} th dport 53 {log}",
+        f"add chain {t} {answer}", f"flush chain {t} {answer}",
+        f"add rule {t} {answer} meta l4proto {{ tcp, udp }} th sport 53 {log}",
+        f'add element {t} dns_in {{ "{interface}" : jump {query} }}',
+        f'add element {t} dns_out {{ "{interface}" : jump {answer} }}']
     return "\n".join(lines) + "\n"
 
 
 def remove(interface: str) -> str:
     """Works whether or not the task's entries are there (each added before deleted)."""
-    t, (out, back) = TABLE, _chains(interface)
+    t, (out, back, query, answer) = TABLE, _chains(interface)
     lines = _base()
-    for vmap, chain in (("by_in", out), ("by_out", back)):
+    for vmap, chain in (("by_in", out), ("by_out", back), ("dns_in", query),
+                        ("dns_out", answer)):
         lines += [f"add chain {t} {chain}",
                   f'add element {t} {vmap} {{ "{interface}" : jump {chain} }}',
                   f'delete element {t} {vmap} {{ "{interface}" }}',

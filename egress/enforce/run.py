@@ -269,7 +269,8 @@ class TaskRun:
                                 [(net.host4, 53), (net.host6, 53)], upstream,
                                 on_allow=lambda name, addrs: self._allow(rules, name, addrs),
                                 on_event=self._event,
-                                on_binding=lambda b: (gate.bind(b), live.binding(b)),
+                                # the record takes names from the answers as NFLOG logs them
+                                on_binding=gate.bind,
                                 min_ttl=opts.min_ttl, host_addresses=tasknet.host_addresses())
             resolver.start()
             net.resolv_conf.write_text(f"nameserver {net.host4}\nnameserver {net.host6}\n")

