@@ -277,8 +277,8 @@ def run_summary(con: Console, task: str, mode, result) -> None:
         p50 = lat[len(lat) // 2] / 1000 if lat else 0
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000 if lat else 0
         con.print(f"gate: {g.get('allowed', 0):,} flows allowed, {g.get('blocked', 0):,} blocked "
-                  f"before their first payload left; verdict {p50:.2f} ms median, "
-                  f"{p99:.2f} ms p99")
+                  f"before their first payload left; {p50:.2f} ms median, {p99:.2f} ms p99 "
+                  "in the gate (queueing not counted)")
     for line in result.notes:
         con.print(escape(line))
     for line in result.losses:

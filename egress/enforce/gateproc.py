@@ -24,6 +24,11 @@ from egress.enforce.gate import Caps, Gate
 from egress.records import Mode, Severity
 
 
+QUEUE_MAXLEN = 16384
+"""Packets the kernel holds for the gate before it drops (enforce: fails closed) or passes
+(audit) the next ones; counted and reported either way."""
+
+
 @dataclass(frozen=True)
 class GateSpec:
     queue: int
@@ -67,7 +72,7 @@ def _serve(spec: GateSpec, conn, events) -> None:
                 min_ttl=spec.min_ttl, caps=spec.caps, deny_mark=spec.deny_mark,
                 mask=spec.mask, owner_of=owner_of)
     try:
-        queue = NfQueue(spec.queue, fail_open=spec.mode is not Mode.ENFORCE)
+        queue = NfQueue(spec.queue, fail_open=spec.mode is not Mode.ENFORCE, maxlen=QUEUE_MAXLEN)
     except OSError as e:
         conn.send(("error", f"NFQUEUE {spec.queue}: {e}"))
         return
@@ -112,6 +117,8 @@ def _serve(spec: GateSpec, conn, events) -> None:
                 events.send(("critical", f"{record.dst}:{record.dport}", critical))
         gate.decisions.clear()
     stats = dict(gate.stats, **{f"queue {k}": v for k, v in queue.stats().items()})
+    kernel = queue.kernel_stats() or {}
+    stats["queue dropped"] = kernel.get("queue_dropped", 0) + kernel.get("user_dropped", 0)
     conn.send(("stats", stats, latencies[-10000:]))
     queue.close()
 

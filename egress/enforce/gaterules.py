@@ -34,11 +34,18 @@ def marks(mask: int) -> tuple[int, int, int]:
 
 
 def _task_rules(host_if: str, queue: int, mask: int, audit: bool) -> list[list[str]]:
+    """A bare SYN is not queued (it carries no payload: Fast Open is off in the task's
+    namespace, and a task without CAP_NET_RAW cannot craft one that does), unless the
+    ruleset marked it refused (the gate finds its process first)."""
     bypass = ["--queue-bypass"] if audit else []
-    return [["-i", host_if, "-p", proto, "-m", "conntrack", "--ctdir", "ORIGINAL",
-             "-m", "connmark", "--mark", f"0x0/{mask:#x}",
-             "-j", "NFQUEUE", "--queue-num", str(queue), *bypass]
-            for proto in ("tcp", "udp")]
+    common = ["-i", host_if, "-m", "conntrack", "--ctdir", "ORIGINAL",
+              "-m", "connmark", "--mark", f"0x0/{mask:#x}"]
+    queue_to = ["-j", "NFQUEUE", "--queue-num", str(queue), *bypass]
+    _, _, deny = marks(mask)
+    return [[*common, "-p", "tcp", "!", "--syn", *queue_to],
+            [*common, "-p", "tcp", "--syn", "-m", "mark", "--mark", f"{deny:#x}/{mask:#x}",
+             *queue_to],
+            [*common, "-p", "udp", *queue_to]]
 
 
 def _tool(family: int) -> str:

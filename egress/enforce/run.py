@@ -28,7 +28,7 @@ from egress.enforce.resolver import Resolver
 from egress.enforce.ruleset import (Match, TaskRules, arm_deadman, elements_for_name,
                                     generate_nft, refresh_elements, remove_nft)
 from egress.enforce.liverecord import LiveRecorder
-from egress.records import Mode, Severity, TaskEvent
+from egress.records import Finding, Mode, Severity, TaskEvent
 from tagging.manifest import Purpose
 
 FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
@@ -317,6 +317,14 @@ class TaskRun:
         opts, live = self.opts, self._live
         for event in live.lost_events():
             self._event(event)
+        dropped = gate.stats.get("queue dropped", 0) if gate else 0
+        if dropped:
+            self.losses.append(f"the gate's queue dropped {dropped:,} packet(s) when full "
+                               "(enforce: their flows stalled or failed; audit: passed unjudged)")
+            self._event(TaskEvent(task=opts.task, time=time.time_ns() // 1000,
+                                  event="events-lost",
+                                  findings=[Finding.make("events-lost", count=dropped,
+                                                         reason="gate queue full")]))
         losses = self.losses + live.losses
         if self.recorder and self.events:
             if opts.task not in flows.tasks:

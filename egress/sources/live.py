@@ -31,6 +31,9 @@ LINKTYPE_RAW = 101
 """Raw IPv4 or IPv6, which is what NFLOG hands over."""
 ACCOUNTED = (6, 17, 132)
 """Protocols whose conntrack entries we match to flows by their ports."""
+STALE_US = 1_000_000
+"""A conntrack entry that started this long before a flow's first packet belongs to an
+earlier connection with the same tuple (both clocks are the kernel's wall clock)."""
 WATCH_EVERY = 8
 """Watch-feed entries between two interim judgments of a watched (SSH) flow: a reverse
 tunnel is found while it is open, and can be cut."""
@@ -95,6 +98,11 @@ class LiveSource(CaptureSource):
                                 ipaddress.ip_address(t.dst).packed, t.sport, t.dport)
         if flow is None:
             self.stats.table["conntrack entries without a logged flow"] += 1
+            return None
+        if event.start_ns and event.start_ns // 1000 + STALE_US < flow.start:
+            # An older connection with the same addresses and ports (a reused port, or a
+            # run before this one on the same subnet): not this flow's entry.
+            self.stats.table["conntrack entries older than their flow"] += 1
             return None
         flow.pkts_o, flow.bytes_o = event.orig_packets, event.orig_bytes
         flow.pkts_r, flow.bytes_r = event.reply_packets or 0, event.reply_bytes or 0
