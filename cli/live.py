@@ -58,7 +58,7 @@ def run(ctx, task, purpose_file, mode, user, db_url, no_store, fail_on_violation
                       upstream=upstream, pool4=cfg.pools.ipv4, pool6=cfg.pools.ipv6,
                       min_ttl=cfg.resolver.min_ttl, nflog_group=cfg.netfilter.log_group,
                       mark_mask=cfg.netfilter.mark_mask, priority=cfg.netfilter.priority,
-                      queue=cfg.netfilter.queue,
+                      queue=cfg.netfilter.queue, first_packets=cfg.netfilter.first_packets,
                       fail_on_violation=fail_on_violation, kill_on=kill_on)
     from db.background import BackgroundRecorder, WriterError
     recorder = None

@@ -15,10 +15,11 @@ upstream = ["192.0.2.53"]           # where the task resolver forwards; default:
 min_ttl = 3600                      # seconds a DNS answer binds at least
 
 [netfilter]
-queue = 3                           # NFQUEUE number of the gate
-log_group = 7                       # NFLOG group of the first packets
-mark_mask = 0x00ff0000              # the packet and ct mark bits egress may use
-priority = -160                     # base nft priority of our chains
+queue = 3                           # first NFQUEUE number of the gate (one per run)
+log_group = 7                       # first NFLOG group (two per run: packets, refusals)
+mark_mask = 0x00f00000              # the packet and ct mark bits egress may use (4 bits)
+priority = -180                     # base nft priority of our enforcing chains
+first_packets = 64                  # packets a flow direction logged whole; default: 64
 ```
 """
 
@@ -65,6 +66,10 @@ class Netfilter:
     priority: int = -180
     """Base priority of our enforcing nft chains: after conntrack (-200), before the
     gate in mangle (-150); the recorder's chain runs just before them."""
+    first_packets: int | None = None
+    """Packets of each flow and direction logged whole (NFLOG); None: the window the
+    detectors declare (64). Fewer costs less and identifies less; watched flows are
+    followed past it, headers only."""
 
 
 @dataclass(frozen=True)
@@ -155,10 +160,11 @@ def parse(raw: bytes, source: str = "<config>") -> Config:
         else DEFAULT_MIN_TTL_S
     out["resolver"] = Resolver(upstream=tuple(upstream), min_ttl=min_ttl)
 
-    nf = section("netfilter", ("queue", "log_group", "mark_mask", "priority"))
+    nf = section("netfilter", ("queue", "log_group", "mark_mask", "priority", "first_packets"))
     checked = {}
     for key, lo, hi in (("queue", 0, 65535), ("log_group", 0, 65535),
-                        ("mark_mask", 1, 0xFFFFFFFF), ("priority", -400, 400)):
+                        ("mark_mask", 1, 0xFFFFFFFF), ("priority", -400, 400),
+                        ("first_packets", 8, 4096)):
         if key in nf:
             checked[key] = integer(nf, key, "netfilter.", lo, hi)
     out["netfilter"] = Netfilter(**checked)

@@ -33,6 +33,9 @@ from egress.records import FlowRecord, Mode, NameBinding, Step, Verdict
 from egress.sources.capture import PROTO_NAMES
 
 LINKTYPE_RAW = 101
+WATCHED_APPS = ("ssh", "unknown")
+"""Allowed flows whose shape over time the detectors watch: SSH (reverse tunnels) and bytes
+no parser knew (on an address a rule with protocol "any" allows)."""
 
 
 @dataclass(frozen=True)
@@ -57,13 +60,14 @@ class Gate:
     def __init__(self, task: str, purpose, mode: Mode, *, allow_mark: int, block_mark: int,
                  own_resolvers: frozenset[str] = frozenset(), min_ttl: int = 30,
                  caps: Caps = Caps(), deny_mark: int | None = None, mask: int = 0,
-                 owner_of=None):
+                 owner_of=None, watch_mark: int = 0):
         """``deny_mark``: what the ruleset marks a first packet it refuses with; such a
         packet is refused here, after ``owner_of(proto, src, sport, dst, dport)`` found its
         process while the socket still exists (``owners`` keeps what it found)."""
         self.task, self.mode, self.caps = task, Mode(mode), caps
         self.allow_mark, self.block_mark = allow_mark, block_mark
         self.deny_mark, self.mask, self.owner_of = deny_mark, mask, owner_of
+        self.watch_mark = watch_mark
         self.owners: list[tuple] = []
         self.judge = Judge([TaskPolicy(task, purpose, self.mode, own_resolvers)],
                            mode=self.mode, bindings=DnsBindings(min_ttl))
@@ -172,6 +176,8 @@ class Gate:
         if block and record.process is None:
             owner()                         # the task sees a reset next: its socket goes
         mark = self.block_mark if block else self.allow_mark
+        if not block and record.app in WATCHED_APPS:
+            mark |= self.watch_mark         # the recorder follows its sizes and times
         self.decided[flow] = mark
         self.stats["blocked" if block else "allowed"] += 1
         self.stats[f"decided on {why}"] += 1

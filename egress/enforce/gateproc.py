@@ -44,6 +44,7 @@ class GateSpec:
     deny_mark: int | None = None
     netns_path: str | None = None
     """The task's network namespace: where refused sockets are looked up for their owner."""
+    watch_mark: int = 0
 
 
 def _serve(spec: GateSpec, conn, events) -> None:
@@ -70,7 +71,7 @@ def _serve(spec: GateSpec, conn, events) -> None:
     gate = Gate(spec.task, spec.purpose, spec.mode, allow_mark=spec.allow_mark,
                 block_mark=spec.block_mark, own_resolvers=spec.own_resolvers,
                 min_ttl=spec.min_ttl, caps=spec.caps, deny_mark=spec.deny_mark,
-                mask=spec.mask, owner_of=owner_of)
+                mask=spec.mask, owner_of=owner_of, watch_mark=spec.watch_mark)
     try:
         queue = NfQueue(spec.queue, fail_open=spec.mode is not Mode.ENFORCE, maxlen=QUEUE_MAXLEN)
     except OSError as e:

@@ -33,6 +33,12 @@ def marks(mask: int) -> tuple[int, int, int]:
     return block, block << 1, block << 2
 
 
+def watch_mark(mask: int) -> int:
+    """A bit of its own, beside allow: the recorder keeps a headers-only feed of the flow
+    (SSH, unknown protocols) past its first packets, for the detectors that watch."""
+    return (mask & -mask) << 3
+
+
 def _task_rules(host_if: str, queue: int, mask: int, audit: bool) -> list[list[str]]:
     """A bare SYN is not queued (it carries no payload: Fast Open is off in the task's
     namespace, and a task without CAP_NET_RAW cannot craft one that does), unless the
@@ -81,11 +87,14 @@ def remove(host_if: str, queue: int, mask: int, audit: bool) -> list[str]:
 def post_gate(mask: int) -> str:
     """The nft chain after the gate; idempotent, shared by every run."""
     block, allow, _ = marks(mask)
+    watch = watch_mark(mask)
+    verdict = mask & ~watch
     t = TABLE
     return f"""add table {t}
 add chain {t} post_gate {{ type filter hook forward priority {PRIORITY}; policy accept; }}
 flush chain {t} post_gate
-add rule {t} post_gate meta mark & {mask:#x} == {allow:#x} ct mark set ct mark | {allow:#x}
+add rule {t} post_gate meta mark & {verdict:#x} == {allow:#x} ct mark set ct mark | {allow:#x}
+add rule {t} post_gate meta mark & {watch:#x} == {watch:#x} ct mark set ct mark | {watch:#x}
 add rule {t} post_gate meta mark & {mask:#x} == {block:#x} ct mark set ct mark | {block:#x}
 add rule {t} post_gate meta mark & {mask:#x} == {block:#x} meta l4proto tcp reject with tcp reset
 add rule {t} post_gate meta mark & {mask:#x} == {block:#x} reject with icmpx type admin-prohibited

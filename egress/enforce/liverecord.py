@@ -81,7 +81,8 @@ class LiveRecorder:
         while True:
             got = self._reader.read(timeout=0.2)
             for packet in got:
-                self.items.put(("packet", packet.time, packet.payload))
+                self.items.put(("packet", packet.time, packet.payload,
+                                packet.prefix == recording.WATCH_PREFIX))
             if not got and self._stop.is_set():
                 return
 

@@ -20,6 +20,11 @@ TABLE = "inet egress_rec"
 PRIORITY = -190
 """Before the enforcing chains (configuration netfilter.priority, -180 by default)."""
 SNAPLEN = 65535
+WATCH_PREFIX = "egress-watch"
+"""The NFLOG prefix of the headers-only feed of watched flows (a snap length of HEADERS)."""
+HEADERS = 128
+WATCH_PACKETS = 2048
+"""Packets a direction of a watched flow is followed for, headers only (the watch cap)."""
 
 
 def _base() -> list[str]:
@@ -43,10 +48,12 @@ def _chains(interface: str) -> tuple[str, str, str, str]:
             f"r_{interface}_dnsa")
 
 
-def add(interface: str, group: int, packets: int) -> str:
-    """Log the first ``packets`` packets of each flow through ``interface``, each way."""
+def add(interface: str, group: int, packets: int, watch: int = 0) -> str:
+    """Log the first ``packets`` packets of each flow through ``interface``, each way; and,
+    for flows whose conntrack mark has the ``watch`` bit, their headers up to WATCH_PACKETS."""
     t, (out, back, query, answer) = TABLE, _chains(interface)
     log = f"log group {group} snaplen {SNAPLEN}"
+    watched = (f'log prefix "{WATCH_PREFIX}" group {group} snaplen {HEADERS}')
     lines = _base() + [
         f"add chain {t} {out}", f"flush chain {t} {out}",
         f"add rule {t} {out} ct direction original ct original packets <= {packets} "
@@ -62,6 +69,11 @@ def add(interface: str, group: int, packets: int) -> str:
         f"add rule {t} {answer} meta l4proto {{ tcp, udp }} th sport 53 {log}",
         f'add element {t} dns_in {{ "{interface}" : jump {query} }}',
         f'add element {t} dns_out {{ "{interface}" : jump {answer} }}']
+    if watch:
+        for chain, direction in ((out, "original"), (back, "reply")):
+            lines.append(f"add rule {t} {chain} ct mark & {watch:#x} == {watch:#x} "
+                         f"ct direction {direction} ct {direction} packets > {packets} "
+                         f"ct {direction} packets <= {WATCH_PACKETS} {watched}")
     return "\n".join(lines) + "\n"
 
 

@@ -60,6 +60,8 @@ class RunOptions:
     mark_mask: int = 0x00F00000
     priority: int = -180
     fail_on_violation: bool = False
+    first_packets: int | None = None
+    """Packets of each flow and direction logged whole; None: the detectors' window."""
     interim_s: int = 60
     """Seconds between interim records of long flows (a conntrack dump)."""
     kill_on: str | None = None
@@ -250,12 +252,15 @@ class TaskRun:
                                         block_mark=block, min_ttl=opts.min_ttl,
                                         own_resolvers=frozenset({net.host4, net.host6}),
                                         mask=opts.mark_mask, deny_mark=deny,
-                                        netns_path=net.netns_path))
+                                        netns_path=net.netns_path,
+                                        watch_mark=gaterules.watch_mark(opts.mark_mask)))
             gate.wait_ready()
             threading.Thread(target=self._watch_gate, args=(gate, stop_log),
                              name="egress-gate-events", daemon=True).start()
             self._nft = Nft()
-            self._apply(recording.add(net.host_if, net.nflog_group, window.packets)
+            self._apply(recording.add(net.host_if, net.nflog_group,
+                                      opts.first_packets or window.packets,
+                                      gaterules.watch_mark(opts.mark_mask))
                         + generate_nft(rules) + arm_deadman(rules)
                         + gaterules.post_gate(opts.mark_mask))
             net.gate = dict(host_if=net.host_if, queue=net.queue, mask=opts.mark_mask,

@@ -9,7 +9,9 @@ start and end come from conntrack: a flow ends when conntrack destroys its
 entry (or when the task ends, with the counters of a last dump), not when
 its logged packets stop. A feeder puts on the queue, in arrival order:
 
-    ("packet", time_us, ip_bytes)     a logged packet
+    ("packet", time_us, ip_bytes, headers_only)
+                                      a logged packet; headers_only: the watch feed of a
+                                      watched flow, cut after its headers
     ("binding", NameBinding)          an answer of the task's resolver
     ("ct", CtEvent)                   a conntrack DESTROY event or dumped entry
     ("ct-interim", CtEvent)           a periodic dump's entry: an interim record
@@ -67,7 +69,9 @@ class LiveSource(CaptureSource):
             if item is None:
                 return
             if item[0] == "packet":
-                _, ts, payload = item
+                _, ts, payload, headers_only = item
+                if headers_only:
+                    payload = _restored(payload)
                 # Packets come in the kernel's logging order, but with mixed clocks: the
                 # kernel's stamp on forwarded packets, the read time on the host's own (DNS
                 # answers). Time never runs backwards here, so an answer always binds its
@@ -183,6 +187,19 @@ class Owners:
 
     def close(self) -> None:
         self.diag.close()
+
+
+def _restored(p: bytes) -> bytes:
+    """A packet of the headers-only watch feed at its length again (zero bytes for the
+    payload not copied): the watch feed needs sizes and times, and these flows' payload is
+    no longer read (an SSH session past its key exchange)."""
+    if len(p) >= 20 and p[0] >> 4 == 4:
+        total = int.from_bytes(p[2:4], "big")
+    elif len(p) >= 40 and p[0] >> 4 == 6:
+        total = 40 + int.from_bytes(p[4:6], "big")
+    else:
+        return p
+    return p + bytes(max(0, total - len(p)))
 
 
 def _tuple(p: bytes):

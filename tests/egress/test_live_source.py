@@ -18,7 +18,7 @@ def run(events):
     items = queue.Queue()
     now = time.time_ns() // 1000
     items.put(("packet", now, bytes(IP(src=TASK, dst=SERVER) / TCP(sport=40000, dport=443,
-                                                                     flags="S"))))
+                                                                     flags="S")), False))
     for event in events(now):
         items.put(("ct", event))
     items.put(None)
@@ -44,3 +44,10 @@ def test_an_older_entry_with_the_same_tuple_is_not_the_flows():
     (flow,), stats = run(lambda now: [destroy(now - 30_000_000)])
     assert flow.bytes_in == 0 and flow.packets_out == 1
     assert stats.table["conntrack entries older than their flow"] == 1
+
+
+def test_a_headers_only_packet_counts_at_its_full_length():
+    from egress.sources.live import _restored
+    whole = bytes(IP(src=TASK, dst=SERVER) / TCP(sport=40000, dport=22, flags="PA") / (b"x" * 900))
+    cut = _restored(whole[:128])
+    assert len(cut) == len(whole) and cut[:128] == whole[:128] and cut[128:] == bytes(len(whole) - 128)

