@@ -100,6 +100,7 @@ class CaptureSource:
         self._out: list[FlowRecord | NameBinding] = []
         self._text: dict[bytes, str] = {}
         self._identifier = Identifier(on_answer=self._answer)
+        self._decoder = Decoder()
         window = window or live_window()
         self._table = FlowTable(self._finish, self._identifier.update, max_flows=max_flows,
                                 stream_cap=window.bytes, datagram_cap=window.packets,
@@ -126,7 +127,7 @@ class CaptureSource:
 
     def __iter__(self) -> Iterator[FlowRecord | NameBinding]:
         out = self._out
-        table, decoder = self._table, Decoder()
+        table, decoder = self._table, self._decoder
         decode, packet, fast = decoder.decode, table.packet, table.fast_ipv4
         dropped = 0
         for linktype, ts, buf, off, caplen, origlen in self._frames():

@@ -70,14 +70,17 @@ class LiveSource(CaptureSource):
                 return
             if item[0] == "packet":
                 _, ts, payload, headers_only = item
-                if headers_only:
-                    payload = _restored(payload)
                 # Packets come in the kernel's logging order, but with mixed clocks: the
                 # kernel's stamp on forwarded packets, the read time on the host's own (DNS
                 # answers). Time never runs backwards here, so an answer always binds its
                 # name before the connection it let through starts.
                 ts = self._last_ts = max(ts, self._last_ts)
                 self.stats.packets += 1
+                if headers_only:
+                    self._headers(ts, payload)
+                    yield LINKTYPE_RAW, 0, b"", 0, 0, 0
+                    self._watch(payload)
+                    continue
                 if self.owners is not None:
                     self.owners.first_packet(payload)
                 yield LINKTYPE_RAW, ts, payload, 0, len(payload), len(payload)
@@ -116,6 +119,16 @@ class LiveSource(CaptureSource):
             self._table.finish(flow)
             return None
         return flow
+
+    def _headers(self, ts: int, payload: bytes) -> None:
+        """A packet of the headers-only watch feed: counted at its real payload size (from
+        its IP length; the payload was not copied, and these flows' payload is no longer
+        read: an SSH session past its key exchange)."""
+        d = self._decoder.decode(LINKTYPE_RAW, ts, payload, 0, len(payload))
+        if d is None:
+            return
+        iplen, poff = d[8], d[10]
+        self._table.packet(ts, *d[:-1], max(0, iplen - poff))
 
     def _watch(self, payload: bytes) -> None:
         key = _tuple(payload)
@@ -187,19 +200,6 @@ class Owners:
 
     def close(self) -> None:
         self.diag.close()
-
-
-def _restored(p: bytes) -> bytes:
-    """A packet of the headers-only watch feed at its length again (zero bytes for the
-    payload not copied): the watch feed needs sizes and times, and these flows' payload is
-    no longer read (an SSH session past its key exchange)."""
-    if len(p) >= 20 and p[0] >> 4 == 4:
-        total = int.from_bytes(p[2:4], "big")
-    elif len(p) >= 40 and p[0] >> 4 == 6:
-        total = 40 + int.from_bytes(p[4:6], "big")
-    else:
-        return p
-    return p + bytes(max(0, total - len(p)))
 
 
 def _tuple(p: bytes):

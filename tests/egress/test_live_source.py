@@ -47,7 +47,14 @@ def test_an_older_entry_with_the_same_tuple_is_not_the_flows():
 
 
 def test_a_headers_only_packet_counts_at_its_full_length():
-    from egress.sources.live import _restored
-    whole = bytes(IP(src=TASK, dst=SERVER) / TCP(sport=40000, dport=22, flags="PA") / (b"x" * 900))
-    cut = _restored(whole[:128])
-    assert len(cut) == len(whole) and cut[:128] == whole[:128] and cut[128:] == bytes(len(whole) - 128)
+    items = queue.Queue()
+    now = time.time_ns() // 1000
+    hello = IP(src=TASK, dst=SERVER) / TCP(sport=40000, dport=22, flags="S", seq=1)
+    whole = bytes(IP(src=TASK, dst=SERVER) / TCP(sport=40000, dport=22, flags="PA", seq=2)
+                  / (b"x" * 900))
+    items.put(("packet", now, bytes(hello), False))
+    items.put(("packet", now + 10, whole[:128], True))     # cut after its headers
+    items.put(None)
+    source = LiveSource(items, Attribution(task="t1", local=parse_networks(["10.213.0.0/30"])))
+    (flow,) = [r for r in source if isinstance(r, FlowRecord)]
+    assert flow.bytes_out == 40 + len(whole) and flow.packets_out == 2
