@@ -182,3 +182,5 @@ def remove(match_text) -> None:
     if not removed:
         raise Failure(f"no task's rules are loaded for {match_text}")
     click.echo("removed: " + "; ".join(removed))
+from cli.learn import learn  # noqa: E402
+rules_group.add_command(learn)
