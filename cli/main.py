@@ -303,15 +303,13 @@ def completion(shell: str) -> None:
 
 
 # Commands kept in modules of their own; imported last, since they use this module's helpers.
+from cli.agent import agent, task_group  # noqa: E402
+from cli.doctor import doctor  # noqa: E402
 from cli.live import cleanup, run  # noqa: E402
+from cli.rules import rules_group  # noqa: E402
 
-main.add_command(run)
-main.add_command(cleanup)
+for command in (run, cleanup, rules_group, doctor, agent, task_group):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()
-
-from cli.rules import rules_group  # noqa: E402  (after main: rules imports from here)
-main.add_command(rules_group)
-from cli.doctor import doctor  # noqa: E402
-main.add_command(doctor)

@@ -32,11 +32,18 @@ POLICY_IDS = frozenset({"undeclared-destination", "protocol-mismatch", "ssh-egre
 _NO_CHANGE = object()
 
 
+ANY_SERVER = "*"
+"""In ``own_resolvers``: the task's DNS to any server on port 53 reaches its own resolver
+(the host agent redirects it by nat; the record keeps the server the task asked)."""
+
+
 def own_resolver_rule(address: str) -> AllowRule:
     """The rule a live task's DNS to its own resolver (egress's) goes by."""
     return AllowRule(origin="egress: the task's own resolver", host=None,
                      cidr=str(ipaddress.ip_network(address)), ports=((53, 53),),
                      transports=("udp", "tcp"), protocol="dns")
+
+
 TRANSPORT_OF = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "icmp6": "icmp",
                 "ipv6-icmp": "icmp"}
 
@@ -228,7 +235,8 @@ class Judge:
                                  reason="no task owns this flow")], None
         if policy is None:
             raise LookupError(f"no purpose is loaded for task {flow.task!r}")
-        if flow.dst in policy.own_resolvers and flow.dport == 53 \
+        if (flow.dst in policy.own_resolvers or ANY_SERVER in policy.own_resolvers) \
+                and flow.dport == 53 \
                 and (step is Step.START or flow.app in (None, "dns")):
             # live: the only DNS the task has (it refuses names itself)
             return [], own_resolver_rule(flow.dst)

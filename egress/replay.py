@@ -81,7 +81,7 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
     task's own resolver, whose answers bind names. ``action_of``: live, what the kernel
     did with a judged flow (the record's ``action``; null in replay).
     """
-    purposes = purposes or {}
+    purposes = purposes if purposes is not None else {}   # live: filled as tasks start
     owner = task or (purpose.task if purpose else None)
     run_mode = purpose.effective_mode(mode) if purpose else Mode(mode or Mode.AUDIT)
     judge = Judge([], mode=run_mode,

@@ -38,13 +38,18 @@ def ours(event, nets) -> bool:
 class LiveRecorder:
     def __init__(self, opts, net: tasknet.TaskNet, *, recorder=None,
                  task_init: Callable[[], int | None],
-                 on_record: Callable[[object], None] = lambda r: None):
+                 on_record: Callable[[object], None] = lambda r: None,
+                 purposes: dict | None = None, label_prefix: str | None = None):
         """``opts``: the run's options (task, purpose, mode, min_ttl, mark_mask, interim_s);
         ``recorder``: the store's; ``task_init``: the host pid of the task's init, once it
-        runs; ``on_record``: each judged record (interim ones included)."""
+        runs; ``on_record``: each judged record (interim ones included). On a shared host
+        (the agent): ``purposes`` per task (filled as tasks start) and ``label_prefix``, the
+        NFLOG prefix before the task id that labels each task's packets."""
         self.opts, self.net, self.recorder = opts, net, recorder
         self.task_init, self.on_record = task_init, on_record
+        self.purposes, self.label_prefix = purposes, label_prefix
         self.nets = [ipaddress.ip_network(net.net4), ipaddress.ip_network(net.net6)]
+        self.own_resolvers = {a for a in (net.host4, net.host6) if a}
         self.items: queue.Queue = queue.Queue()
         self.losses: list[str] = []
         self.notes: list[str] = []
@@ -81,8 +86,13 @@ class LiveRecorder:
         while True:
             got = self._reader.read(timeout=0.2)
             for packet in got:
-                self.items.put(("packet", packet.time, packet.payload,
-                                packet.prefix == recording.WATCH_PREFIX))
+                item = ("packet", packet.time, packet.payload,
+                        packet.prefix == recording.WATCH_PREFIX)
+                if self.label_prefix is not None:
+                    label = packet.prefix[len(self.label_prefix):] \
+                        if packet.prefix.startswith(self.label_prefix) else ""
+                    item += (label,)
+                self.items.put(item)
             if not got and self._stop.is_set():
                 return
 
@@ -112,17 +122,19 @@ class LiveRecorder:
         from tagging.attribution import Attribution
         opts, net = self.opts, self.net
         who = Attribution(task=opts.task, local=self.nets)
-        owners = self.owners = Owners(net.netns_path, self.task_init, self.nets)
+        owners = self.owners = Owners(net.netns_path, self.task_init, self.nets) \
+            if net.netns_path else None
         source = LiveSource(self.items, who, owners=owners)
         try:
             self._judged["flows"] = replay(
-                source, opts.purpose, task=opts.task, mode=opts.mode, min_ttl_s=opts.min_ttl,
-                recorder=self.recorder, on_record=self._late, action_of=self.action,
-                own_resolvers=frozenset({net.host4, net.host6}))
+                source, opts.purpose, purposes=self.purposes, task=opts.task, mode=opts.mode,
+                min_ttl_s=opts.min_ttl, recorder=self.recorder, on_record=self._late,
+                action_of=self.action, own_resolvers=frozenset(self.own_resolvers))
         except Exception as e:              # noqa: BLE001 - reported; the run goes on
             self.losses.append(f"recording failed: {e}")
         finally:
-            owners.close()
+            if owners is not None:
+                owners.close()
 
     def action(self, record) -> Action:
         """What the kernel did: enforce mode refuses what is blocked (at its first packet or

@@ -192,6 +192,9 @@ class TaskRules:
     block_mark: int = BLOCK_MARK
     deadman_seconds: int = DEADMAN_SECONDS
     """Seconds the task stays live without a re-arm; 0: no dead-man's switch."""
+    dns_redirected: bool = False
+    """The host agent redirects the task's IPv4 DNS (port 53, any server) to the task's
+    resolver by nat, which runs after these chains: such DNS is let through here."""
     deny_mark: int | None = None
     """With an inline gate (egress run): enforce mode marks a refused TCP or UDP first
     packet with this value and lets the gate refuse it, after it has found the socket's
@@ -410,7 +413,11 @@ def _egress_rules(r: TaskRules) -> list[str]:
     mark = f"ct mark and {r.mark_mask:#010x} == {r.block_mark:#010x}"          # 1
     rules += _reject(r, mark, f"egress block {tag}")
     rules.append("ct state established,related accept")                     # 2
-    for family, resolver in (("ip", r.resolver4), ("ip6", r.resolver6)):    # 3
+    if r.dns_redirected:                                                     # 3
+        # the host agent's nat rewrites the task's IPv4 DNS to its resolver, after this
+        # chain (nf_nat's dstnat runs at -100): any IPv4 server here, none over IPv6
+        rules.append("meta nfproto ipv4 meta l4proto { tcp, udp } th dport 53 counter accept")
+    for family, resolver in (("ip", r.resolver4), ("ip6", r.resolver6)):
         if resolver:
             rules.append(f"{family} daddr {resolver} meta l4proto {{ tcp, udp }} "
                          "th dport 53 counter accept")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import queue
 
+from egress.records import stable_flow_id
 from egress.sources.capture import CaptureSource
 
 LINKTYPE_RAW = 101
@@ -51,6 +52,7 @@ class LiveSource(CaptureSource):
         self.items = items
         self.owners = owners
         self._watched: dict = {}            # flow -> watch entries at its last judgment
+        self._labels: dict = {}             # flow -> its task, on a shared host (the agent)
         self._last_ts = 0
 
     def _observed(self, flow) -> str:
@@ -69,7 +71,7 @@ class LiveSource(CaptureSource):
             if item is None:
                 return
             if item[0] == "packet":
-                _, ts, payload, headers_only = item
+                _, ts, payload, headers_only, *label = item
                 # Packets come in the kernel's logging order, but with mixed clocks: the
                 # kernel's stamp on forwarded packets, the read time on the host's own (DNS
                 # answers). Time never runs backwards here, so an answer always binds its
@@ -84,6 +86,8 @@ class LiveSource(CaptureSource):
                 if self.owners is not None:
                     self.owners.first_packet(payload)
                 yield LINKTYPE_RAW, ts, payload, 0, len(payload), len(payload)
+                if label:
+                    self._label(payload, label[0])
                 self._watch(payload)
                 continue
             if item[0] == "binding":
@@ -120,6 +124,26 @@ class LiveSource(CaptureSource):
             return None
         return flow
 
+    def _label(self, payload: bytes, label: str) -> None:
+        """The task a shared host's flow belongs to, from its first logged packet's NFLOG
+        prefix (the agent logs each task's sockets under its own); "" is untagged."""
+        key = _tuple(payload)
+        if key is None:
+            return
+        proto, src, sport, dst, dport, _ = key
+        flow = self._table.find(proto, ipaddress.ip_address(src).packed,
+                                ipaddress.ip_address(dst).packed, sport, dport)
+        if flow is not None and flow not in self._labels:
+            self._labels[flow] = label or None
+
+    def _record(self, flow):
+        record = super()._record(flow)
+        if flow in self._labels:
+            record.task = self._labels[flow]
+            record.flow_id = stable_flow_id(record.task, flow.proto, flow.src.hex(), flow.sport,
+                                            flow.dst.hex(), flow.dport, flow.start)
+        return record
+
     def _headers(self, ts: int, payload: bytes) -> None:
         """A packet of the headers-only watch feed: counted at its real payload size (from
         its IP length; the payload was not copied, and these flows' payload is no longer
@@ -151,6 +175,7 @@ class LiveSource(CaptureSource):
     def _finish(self, flow) -> None:
         super()._finish(flow)
         self._watched.pop(flow, None)
+        self._labels.pop(flow, None)
         if self.owners is not None:
             self.owners.forget(flow.proto, self._addr(flow.src), flow.sport,
                                self._addr(flow.dst), flow.dport)

@@ -1,0 +1,161 @@
+"""``egress agent`` and ``egress task``: the host agent and the orchestrator's side of it."""
+
+from __future__ import annotations
+
+import grp
+import signal
+from pathlib import Path
+
+import click
+
+from cli import render
+from cli.main import CONTEXT, DB_OPTION, Failure, _fail
+from cli.params import TASK_ID
+from egress import config as config_mod
+
+SOCKET_OPTION = click.option("--socket", "socket_path", type=click.Path(dir_okay=False),
+                             default="/run/egress/agent.sock", show_default=True,
+                             help="The agent's control socket.")
+
+
+@click.command(context_settings=CONTEXT)
+@DB_OPTION
+@click.option("--no-store", is_flag=True, help="Record nothing (print the summary only).")
+@click.option("--mode", type=click.Choice(["audit", "enforce"]),
+              help="The least mode of every task (a task's may be stricter, never looser).")
+@click.option("--group", help="A group whose members may use the control socket.")
+@SOCKET_OPTION
+@click.pass_context
+def agent(ctx, db_url, no_store, mode, group, socket_path) -> None:
+    """Audit a shared host where tasks come and go, in the foreground, until SIGTERM.
+
+    Tasks are started and stopped with `egress task`; each gets its purpose's
+    rules (matched by uid or cgroup), its own resolver, and its flows on the
+    record under its id. Sockets of ordinary users no task claims are recorded
+    untagged. Needs root (CAP_NET_ADMIN).
+
+    \b
+    Examples:
+      sudo egress agent --db postgresql://egress@db/egress
+      sudo egress agent --mode enforce --group egress
+    """
+    from db.background import BackgroundRecorder, WriterError
+    from egress.enforce.agent import Agent, AgentError, AgentOptions
+    from egress.enforce.nft import NftError
+    from egress.records import Mode
+    import os
+    if os.geteuid() != 0:
+        raise Failure("egress agent needs root (nftables rules, NFLOG, conntrack)")
+    cfg: config_mod.Config = ctx.obj
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else None
+    except KeyError:
+        raise Failure(f"--group: no group {group!r}") from None
+    opts = AgentOptions(socket=Path(socket_path), mode=Mode(mode) if mode else None,
+                        upstream=(cfg.resolver.upstream[0], 53) if cfg.resolver.upstream
+                        else None, min_ttl=cfg.resolver.min_ttl,
+                        nflog_group=cfg.netfilter.log_group, mark_mask=cfg.netfilter.mark_mask,
+                        first_packets=cfg.netfilter.first_packets or 64, group=gid)
+    recorder = None
+    try:
+        if not no_store:
+            recorder = BackgroundRecorder(db_url, cfg.database, kind="live", sources=["agent"])
+        the_agent = Agent(opts, recorder=recorder)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: the_agent.stop())
+        click.echo(f"egress agent: listening on {socket_path}", err=True)
+        try:
+            the_agent.run()
+        finally:
+            flows = the_agent.close()
+        if recorder is not None:
+            recorder.finish(flows, {})
+    except (AgentError, NftError, WriterError, OSError) as e:
+        if recorder is not None:
+            recorder.abandon()
+        raise _fail(e)
+    render.replay_summary(render.console(stderr=True), flows, {})
+
+
+@click.group("task", context_settings=CONTEXT)
+def task_group() -> None:
+    """Tell the host agent which task owns which sockets."""
+
+
+def _ask(socket_path: str, payload: dict) -> dict:
+    from egress.enforce.agent import AgentError, request
+    try:
+        reply = request(payload, Path(socket_path))
+    except AgentError as e:
+        raise _fail(e)
+    if not reply.get("ok"):
+        raise Failure(reply.get("error", "the agent refused"))
+    return reply
+
+
+@task_group.command("start", context_settings=CONTEXT)
+@click.argument("task", type=TASK_ID)
+@click.option("--purpose", "purpose_file", required=True, type=click.Path(dir_okay=False))
+@click.option("--uid", type=int, help="The task's processes run as this uid.")
+@click.option("--cgroup", help="The task's processes are in this cgroup (cgroup2 path).")
+@click.option("--mode", type=click.Choice(["audit", "enforce"]))
+@SOCKET_OPTION
+def task_start(task, purpose_file, uid, cgroup, mode, socket_path) -> None:
+    """Start a task: its sockets (by uid or cgroup) get its purpose's rules, its own
+    resolver, and its id on the record.
+
+    \b
+    Examples:
+      sudo egress task start fix-1234 --purpose task.toml --uid 1001
+      sudo egress task start fix-1234 --purpose task.toml --cgroup /agents/fix-1234
+    """
+    if (uid is None) == (cgroup is None):
+        raise click.UsageError("give exactly one of --uid or --cgroup")
+    match = f"uid:{uid}" if uid is not None else f"cgroup:{cgroup}"
+    reply = _ask(socket_path, {"op": "start", "task": task, "match": match, "mode": mode,
+                               "purpose": str(Path(purpose_file).resolve())})
+    t = reply["task"]
+    click.echo(f"task {t['task']} started: {t['match']}, {t['mode']}, resolver {t['resolver']}")
+
+
+@task_group.command("stop", context_settings=CONTEXT)
+@click.argument("task", type=TASK_ID)
+@SOCKET_OPTION
+def task_stop(task, socket_path) -> None:
+    """Stop a task: its rules and resolver go; its flows stay on the record.
+
+    \b
+    Examples:
+      sudo egress task stop fix-1234
+    """
+    reply = _ask(socket_path, {"op": "stop", "task": task})
+    click.echo(f"task {reply['task']['task']} stopped")
+
+
+@task_group.command("list", context_settings=CONTEXT)
+@SOCKET_OPTION
+def task_list(socket_path) -> None:
+    """The running tasks.
+
+    \b
+    Examples:
+      sudo egress task list
+    """
+    for t in _ask(socket_path, {"op": "list"})["tasks"]:
+        click.echo(f"{t['task']}\t{t['match']}\t{t['mode']}\t{t['purpose']}")
+
+
+@task_group.command("show", context_settings=CONTEXT)
+@click.argument("task", type=TASK_ID)
+@SOCKET_OPTION
+def task_show(task, socket_path) -> None:
+    """One running task, with its resolver's counters.
+
+    \b
+    Examples:
+      sudo egress task show fix-1234
+    """
+    t = _ask(socket_path, {"op": "show", "task": task})["task"]
+    for key in ("task", "match", "mode", "purpose", "resolver", "started"):
+        click.echo(f"{key:9} {t[key]}")
+    click.echo("dns       " + ", ".join(f"{k} {v}" for k, v in sorted(t["dns"].items())))

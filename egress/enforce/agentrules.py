@@ -1,0 +1,98 @@
+"""What the host agent adds for each task beside its ruleset: recording and DNS.
+
+``inet egress_agent`` holds, per task, chains reached by the same match as its ruleset
+(``meta skuid`` or ``socket cgroupv2`` verdict maps, output hook):
+
+- recording (priority -190, before the enforcing chains): the first packets of each of
+  the task's flows go to NFLOG with the prefix ``task:ID``, so a shared host's flows are
+  told apart by the socket that sent them, not by address; the host's other sockets of
+  ordinary users (uid 1000 and above) are logged ``task:`` (untagged, and flagged);
+- DNS (a nat chain at priority -190, before the enforcing chains see the packet): the
+  task's lookups on port 53, to whatever server, go to its own resolver on the agent
+  (127.0.1.N:53), so names are bound per task and refused names never leave, also on
+  hosts with a local stub resolver reached over port 53.
+
+Only the original direction is logged: replies of a local socket cannot be matched by
+its owner on the input hook; conntrack gives their counters.
+"""
+
+from __future__ import annotations
+
+from egress.enforce.ruleset import Match, nft_cgroup_path
+
+TABLE = "inet egress_agent"
+PRIORITY = -190
+PREFIX = "task:"
+UNTAGGED_MIN_UID = 1000
+"""Sockets of users from this uid on that no task claims are recorded as untagged; system
+users' (root, daemons) are left alone: they are the host's, not an agent's."""
+
+
+def _key(match: Match) -> tuple[str, str, str]:
+    """(expression, value as nft writes it, map name) of a match on the output hook."""
+    if match.kind == "uid":
+        return "meta skuid", str(match.value), "rec_uid"
+    level = str(match.value).count("/") + 1
+    return (f"socket cgroupv2 level {level}", f'"{nft_cgroup_path(str(match.value))}"',
+            f"rec_cgroup_l{level}")
+
+
+def _base(group: int, packets: int) -> list[str]:
+    t = TABLE
+    lines = [f"add table {t}",
+             f"add map {t} rec_uid {{ type uid : verdict; }}",
+             f"add map {t} dns_uid {{ type uid : verdict; }}"]
+    for n in range(1, 9):
+        lines += [f"add map {t} rec_cgroup_l{n} {{ typeof socket cgroupv2 level {n} : "
+                  "verdict; }",
+                  f"add map {t} dns_cgroup_l{n} {{ typeof socket cgroupv2 level {n} : "
+                  "verdict; }"]
+    lines += [f"add chain {t} record {{ type filter hook output priority {PRIORITY}; "
+              "policy accept; }", f"flush chain {t} record",
+              f"add rule {t} record meta skuid vmap @rec_uid"]
+    lines += [f"add rule {t} record socket cgroupv2 level {n} vmap @rec_cgroup_l{n}"
+              for n in range(1, 9)]
+    lines.append(f"add rule {t} record meta skuid >= {UNTAGGED_MIN_UID} ct direction original "
+                 f'ct original packets <= {packets} log prefix "{PREFIX}" group {group}')
+    lines += [f"add chain {t} dns {{ type nat hook output priority {PRIORITY}; "
+              "policy accept; }", f"flush chain {t} dns",
+              f"add rule {t} dns meta skuid vmap @dns_uid"]
+    lines += [f"add rule {t} dns socket cgroupv2 level {n} vmap @dns_cgroup_l{n}"
+              for n in range(1, 9)]
+    return lines
+
+
+def _chains(task_prefix: str) -> tuple[str, str]:
+    return f"{task_prefix}_rec", f"{task_prefix}_dns"
+
+
+def add(task: str, task_prefix: str, match: Match, resolver: str, group: int,
+        packets: int) -> str:
+    """The task's recording and DNS chains, and their dispatch entries."""
+    t, (rec, dns) = TABLE, _chains(task_prefix)
+    expr, value, rec_map = _key(match)
+    dns_map = rec_map.replace("rec_", "dns_")
+    lines = _base(group, packets) + [
+        f"add chain {t} {rec}", f"flush chain {t} {rec}",
+        f"add rule {t} {rec} ct direction original ct original packets <= {packets} "
+        f'log prefix "{PREFIX}{task}" group {group}',
+        f"add rule {t} {rec} accept",          # claimed: not logged again as untagged
+        f"add chain {t} {dns}", f"flush chain {t} {dns}",
+        f"add rule {t} {dns} meta l4proto {{ tcp, udp }} th dport 53 ip daddr != {resolver} "
+        f"dnat ip to {resolver}:53",
+        f"add element {t} {rec_map} {{ {value} : jump {rec} }}",
+        f"add element {t} {dns_map} {{ {value} : jump {dns} }}"]
+    return "\n".join(lines) + "\n"
+
+
+def remove(task_prefix: str, match: Match) -> str:
+    t, (rec, dns) = TABLE, _chains(task_prefix)
+    _, value, rec_map = _key(match)
+    dns_map = rec_map.replace("rec_", "dns_")
+    lines = []
+    for vmap, chain in ((rec_map, rec), (dns_map, dns)):
+        lines += [f"add chain {t} {chain}",
+                  f"add element {t} {vmap} {{ {value} : jump {chain} }}",
+                  f"delete element {t} {vmap} {{ {value} }}",
+                  f"flush chain {t} {chain}", f"delete chain {t} {chain}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,73 @@
+"""The host agent in the lab's host namespace: two tasks by uid (one in enforce, one in
+audit), a process no task claims, one task stopped midway. Every flow lands on the right
+task or untagged, judged as its purpose says."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+EGRESS = str(Path(sys.executable).parent / "egress")
+T1, T2, STRANGER = 65534, 65533, 65532
+
+PURPOSE = '''version = 1
+purpose = "{purpose}"
+task = "{task}"
+mode = "{mode}"
+
+[[allow]]
+host = "{host}"
+'''
+
+
+def curl(lab, uid: int, url: str) -> str:
+    return lab.host("setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
+                    "curl", "-sk", "--max-time", "3", "-o", "/dev/null", "-w", "%{http_code}",
+                    url, check=False).stdout
+
+
+def test_two_tasks_an_untagged_process_and_a_task_stopped_midway(lab):
+    lab.start_dns({"pypi.lab": "203.0.113.10", "other.lab": "203.0.113.20"})
+    lab.start_https("pypi.lab", "203.0.113.10")
+    lab.start_https("other.lab", "203.0.113.20")
+    sock, db = lab.dir / "agent.sock", lab.dir / "egress.db"
+    agent = lab.spawn("host", EGRESS, "agent", "--socket", sock, "--db", db, log="agent.log")
+    lab.wait_log("agent.log", "listening on")
+    for task, uid, mode, host in (("t1", T1, "enforce", "pypi.lab"),
+                                  ("t2", T2, "audit", "other.lab")):
+        purpose = lab.dir / f"{task}.toml"
+        purpose.write_text(PURPOSE.format(purpose=f"task {task}", task=task, mode=mode,
+                                          host=host))
+        started = lab.host(EGRESS, "task", "start", task, "--purpose", purpose, "--uid",
+                           str(uid), "--socket", sock)
+        assert f"task {task} started: uid:{uid}" in started.stdout
+    listed = lab.host(EGRESS, "task", "list", "--socket", sock).stdout
+    assert "t1\tuid:65534\tenforce" in listed and "t2\tuid:65533\taudit" in listed
+
+    assert curl(lab, T1, "https://pypi.lab/") == "200"          # declared
+    assert curl(lab, T1, "https://203.0.113.20/") == "000"      # refused: enforce
+    assert curl(lab, T2, "https://other.lab/") == "200"         # declared
+    assert curl(lab, T2, "https://203.0.113.10/") == "200"      # undeclared: audit passes
+    assert curl(lab, STRANGER, "https://203.0.113.20/") == "200"  # no task: untagged
+
+    lab.host(EGRESS, "task", "stop", "t1", "--socket", sock)
+    assert curl(lab, T1, "https://203.0.113.20/") == "200"      # t1's rules are gone
+
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=60) == 0, (lab.dir / "agent.log").read_text()
+    audit = subprocess.run([EGRESS, "audit", "--json", "--db", str(db)], capture_output=True,
+                           text=True)
+    flows = [json.loads(line) for line in audit.stdout.splitlines()]
+    flows = [f for f in flows if f.get("kind") == "flow" and f["dport"] == 443]
+
+    def of(task, dst):
+        return sorted((f["verdict"] for f in flows if f["task"] == task and f["dst"] == dst))
+
+    assert of("t1", "203.0.113.10") == ["allow"]
+    assert of("t1", "203.0.113.20") == ["block"]
+    assert of("t2", "203.0.113.20") == ["allow"]
+    assert of("t2", "203.0.113.10") == ["flag"]
+    assert of(None, "203.0.113.20") == ["flag", "flag"]         # the stranger, t1 after stop
+    untagged = [f for f in flows if f["task"] is None]
+    assert all("untagged" in {x["id"] for x in f["findings"]} for f in untagged)
