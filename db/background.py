@@ -21,6 +21,11 @@ class WriterError(RuntimeError):
 
 def _child(conn, inbox, cli_url: str | None, config_url: str | None, kind: str,
            sources: list[str]) -> None:
+    import ctypes
+    import signal
+    # Ends with its parent, even one killed by SIGKILL: an orphaned writer has no one to
+    # write for (what it was given before is written; the queue is gone).
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)   # PR_SET_PDEATHSIG
     try:
         from db.engine import resolve_url
         from db.errors import StoreError

@@ -47,8 +47,19 @@ class GateSpec:
     watch_mark: int = 0
 
 
+def die_with_parent() -> None:
+    """A forked helper ends when the auditor does, even by SIGKILL (an orphaned gate would
+    keep the queue bound)."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:                   # the parent died before the call
+        os._exit(1)
+
+
 def _serve(spec: GateSpec, conn, events) -> None:
     from egress.enforce.nfqueue import NfQueue
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the auditor says when to stop
     root = [None]                                       # the task's init, once it runs
     diag = None

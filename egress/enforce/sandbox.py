@@ -108,8 +108,12 @@ class Sandbox:
         read, write = os.pipe()
         try:
             # The spec goes through a pipe, not argv: it holds the environment.
-            self.proc = subprocess.Popen([sys.executable, "-m", "egress.enforce.taskinit",
-                                          str(read)], pass_fds=(read,), close_fds=True)
+            # -I and cwd "/": this process is root, and the caller's directory is the task's
+            # workspace: nothing there may land on its import path (an egress/ package the
+            # task wrote would run as root at the next run).
+            self.proc = subprocess.Popen([sys.executable, "-I", "-m", "egress.enforce.taskinit",
+                                          str(read)], pass_fds=(read,), close_fds=True,
+                                         cwd="/")
         finally:
             os.close(read)
         with os.fdopen(write, "w") as f:

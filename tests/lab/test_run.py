@@ -198,6 +198,10 @@ def test_a_killed_auditor_leaves_the_task_no_egress(lab):
     assert after and all(code == "000" for code, _ in after), (after, time.monotonic() - killed)
     cleaned = lab.host(EGRESS, "cleanup")
     assert "lab-run" in cleaned.stdout and "processes stopped" in cleaned.stdout
+    # the auditor's forked helpers (the gate, the store writer) died with it
+    left = subprocess.run(["pgrep", "-f", f"egress run .*{purpose}"], capture_output=True,
+                          text=True).stdout.split()
+    assert left == [], left
     assert runs_left(lab) == []
     assert lab.host(EGRESS, "cleanup").stdout.startswith("nothing to clean")
 
@@ -321,3 +325,18 @@ def test_the_task_dns_is_recorded_and_a_tunnel_through_an_allowed_zone_found(lab
     assert all(r["rule"].startswith("egress: the task's own resolver") for r in dns)
     (tunnel,) = [r for r in records if r.get("event") == "dns-tunnel"]
     assert tunnel["findings"][0]["evidence"]["domain"] == "tunnel.lab"
+
+
+def test_a_package_the_task_left_in_the_workspace_is_never_imported_as_root(lab):
+    lab.start_dns({"pypi.lab": "203.0.113.10"})
+    purpose = lab.dir / "purpose.toml"
+    purpose.write_text(PURPOSE)
+    workspace = lab.dir / "workspace"
+    (workspace / "egress" / "enforce").mkdir(parents=True)
+    marker = lab.dir / "imported-as-root"
+    (workspace / "egress" / "__init__.py").write_text(f"open({str(marker)!r}, 'w')\n")
+    (workspace / "egress" / "enforce" / "__init__.py").write_text("")
+    done = lab.host("sh", "-c", f"cd {workspace} && {EGRESS} run --task lab-run --purpose "
+                                f"{purpose} --no-store -- echo the-command-ran", check=False)
+    assert "the-command-ran" in done.stdout, done.stderr
+    assert not marker.exists()
