@@ -37,6 +37,21 @@ class SandboxError(RuntimeError):
     pass
 
 
+def _take_back_terminal() -> None:
+    """The task ran in the terminal's foreground; the caller's process group gets it back."""
+    import signal
+    try:
+        if not os.isatty(0):
+            return
+        old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            os.tcsetpgrp(0, os.getpgrp())
+        finally:
+            signal.signal(signal.SIGTTOU, old)
+    except OSError:
+        pass
+
+
 @dataclass(frozen=True)
 class TaskUser:
     name: str
@@ -127,6 +142,7 @@ class Sandbox:
     def wait(self) -> int:
         assert self.proc is not None
         status = self.proc.wait()
+        _take_back_terminal()
         return 128 - status if status < 0 else status
 
     def close(self) -> None:

@@ -1,12 +1,13 @@
-"""A seccomp filter that denies AF_VSOCK sockets to a task.
+"""A seccomp filter for a task: only socket families its network namespace governs.
 
 AF_VSOCK ignores network namespaces (KERNEL.md): a task could reach the
-hypervisor or other guests around every rule we load. The filter answers
-``socket(AF_VSOCK, ...)`` and ``socketpair(AF_VSOCK, ...)`` with
-EAFNOSUPPORT, as a kernel without vsock would, and allows everything else.
-System calls of another architecture (32-bit code on a 64-bit host, where the
-socket numbers differ) are refused with ENOSYS rather than let through
-unchecked.
+hypervisor or other guests around every rule we load. The filter lets
+``socket`` and ``socketpair`` open AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK
+only (others get EAFNOSUPPORT, as a kernel without them would); refuses
+io_uring, which opens sockets without ``socket(2)``; refuses the TIOCSTI and
+TIOCLINUX ioctls, which would type into the caller's terminal; and refuses
+system calls of another ABI (32-bit or x32 numbers differ) with ENOSYS
+rather than let them through unchecked.
 
 Installed with prctl(PR_SET_SECCOMP) after PR_SET_NO_NEW_PRIVS, in the task's
 own process just before it executes the command; inherited by every child
@@ -20,7 +21,14 @@ import errno
 import platform
 import struct
 
+AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
 AF_VSOCK = 40
+ALLOWED_FAMILIES = (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK)
+"""Socket families a task may open: the ones its network namespace governs (AF_VSOCK,
+among others, ignores network namespaces)."""
+
+TIOCSTI, TIOCLINUX = 0x5412, 0x541C
+"""ioctls that push input into a terminal: a task must not type into its caller's shell."""
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
@@ -28,46 +36,76 @@ SECCOMP_MODE_FILTER = 2
 
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_ERRNO = 0x00050000
+X32_SYSCALL_BIT = 0x40000000
 
-# linux/audit.h, and the socket/socketpair numbers of each architecture's table
+# linux/audit.h, and the system call numbers of each architecture's table
 ARCHES = {
-    "x86_64": (0xC000003E, {"socket": 41, "socketpair": 53}),
-    "aarch64": (0xC00000B7, {"socket": 198, "socketpair": 199}),
+    "x86_64": (0xC000003E, {"socket": 41, "socketpair": 53, "ioctl": 16,
+                            "io_uring": (425, 426, 427)}),
+    "aarch64": (0xC00000B7, {"socket": 198, "socketpair": 199, "ioctl": 29,
+                             "io_uring": (425, 426, 427)}),
 }
 
 # struct seccomp_data: nr (u32), arch (u32), instruction_pointer (u64), args[6] (u64)
-OFF_NR, OFF_ARCH, OFF_ARG0 = 0, 4, 16
+OFF_NR, OFF_ARCH, OFF_ARG0, OFF_ARG1 = 0, 4, 16, 24
 
 # classic BPF opcodes
 BPF_LD_W_ABS = 0x20
 BPF_JEQ_K = 0x15
+BPF_JGE_K = 0x35
 BPF_RET_K = 0x06
 
 
-def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
-    return struct.pack("HBBI", code, jt, jf, k)
+def _assemble(code: list) -> bytes:
+    """Instructions with symbolic jump targets: ("jeq", k, "label") jumps there when equal;
+    ("label", name) marks a place."""
+    places, n = {}, 0
+    for insn in code:
+        if insn[0] == "label":
+            places[insn[1]] = n
+        else:
+            n += 1
+    out, i = [], 0
+    for insn in code:
+        op = insn[0]
+        if op == "label":
+            continue
+        if op == "ld":
+            out.append(struct.pack("HBBI", BPF_LD_W_ABS, 0, 0, insn[1]))
+        elif op == "ret":
+            out.append(struct.pack("HBBI", BPF_RET_K, 0, 0, insn[1]))
+        else:
+            jump = places[insn[2]] - i - 1
+            out.append(struct.pack("HBBI", BPF_JEQ_K if op == "jeq" else BPF_JGE_K,
+                                   jump, 0, insn[1]))
+        i += 1
+    return b"".join(out)
 
 
 def program(machine: str | None = None) -> bytes:
     """The filter for this machine's architecture, as packed sock_filter instructions."""
     machine = machine or platform.machine()
     if machine not in ARCHES:
-        raise OSError(f"seccomp: no AF_VSOCK filter for architecture {machine}")
-    arch, numbers = ARCHES[machine]
-    deny = SECCOMP_RET_ERRNO | errno.EAFNOSUPPORT
-    return b"".join([
-        _insn(BPF_LD_W_ABS, 0, 0, OFF_ARCH),
-        _insn(BPF_JEQ_K, 1, 0, arch),                          # our arch: go on
-        _insn(BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
-        _insn(BPF_LD_W_ABS, 0, 0, OFF_NR),
-        _insn(BPF_JEQ_K, 2, 0, numbers["socket"]),             # -> load the family
-        _insn(BPF_JEQ_K, 1, 0, numbers["socketpair"]),
-        _insn(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
-        _insn(BPF_LD_W_ABS, 0, 0, OFF_ARG0),                   # low 32 bits of args[0]
-        _insn(BPF_JEQ_K, 0, 1, AF_VSOCK),
-        _insn(BPF_RET_K, 0, 0, deny),
-        _insn(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
-    ])
+        raise OSError(f"seccomp: no filter for architecture {machine}")
+    arch, nr = ARCHES[machine]
+    errno_ = lambda e: SECCOMP_RET_ERRNO | e                      # noqa: E731
+    code = [("ld", OFF_ARCH), ("jeq", arch, "native"), ("ret", errno_(errno.ENOSYS)),
+            ("label", "native"), ("ld", OFF_NR),
+            ("jge", X32_SYSCALL_BIT, "nosys"),                  # x32 calls: other numbers
+            ("jeq", nr["socket"], "family"), ("jeq", nr["socketpair"], "family"),
+            ("jeq", nr["ioctl"], "ioctl")]
+    # io_uring creates sockets without socket(2), past the family check: not for tasks
+    code += [("jeq", n, "perm") for n in nr["io_uring"]]
+    code += [("ret", SECCOMP_RET_ALLOW),
+             ("label", "family"), ("ld", OFF_ARG0)]
+    code += [("jeq", family, "allow") for family in ALLOWED_FAMILIES]
+    code += [("ret", errno_(errno.EAFNOSUPPORT)),
+             ("label", "ioctl"), ("ld", OFF_ARG1),
+             ("jeq", TIOCSTI, "perm"), ("jeq", TIOCLINUX, "perm"),
+             ("label", "allow"), ("ret", SECCOMP_RET_ALLOW),
+             ("label", "perm"), ("ret", errno_(errno.EPERM)),
+             ("label", "nosys"), ("ret", errno_(errno.ENOSYS))]
+    return _assemble(code)
 
 
 class _SockFprog(ctypes.Structure):

@@ -340,3 +340,29 @@ def test_a_package_the_task_left_in_the_workspace_is_never_imported_as_root(lab)
                                 f"{purpose} --no-store -- echo the-command-ran", check=False)
     assert "the-command-ran" in done.stdout, done.stderr
     assert not marker.exists()
+
+
+def test_the_task_cannot_open_vsock_by_io_uring_nor_type_into_the_terminal(lab):
+    lab.start_dns({"pypi.lab": "203.0.113.10"})
+    purpose = lab.dir / "purpose.toml"
+    purpose.write_text(PURPOSE)
+    probe = """import ctypes, fcntl, socket
+libc = ctypes.CDLL(None, use_errno=True)
+print("io_uring_setup", libc.syscall(425, 4, ctypes.create_string_buffer(120)),
+      ctypes.get_errno())
+for fam in (40, 17):
+    try:
+        socket.socket(fam, socket.SOCK_STREAM)
+        print("family", fam, "OPEN")
+    except OSError as e:
+        print("family", fam, e.errno)
+try:
+    fcntl.ioctl(0, 0x5412, b"x")
+    print("TIOCSTI OPEN")
+except OSError as e:
+    print("TIOCSTI", e.errno)
+"""
+    done = egress_run(lab, f"python3 - <<'PROBE'\n{probe}PROBE\n")
+    assert "io_uring_setup -1 1" in done.stdout, done.stdout + done.stderr
+    assert "family 40 97" in done.stdout and "family 17 97" in done.stdout
+    assert "TIOCSTI 1" in done.stdout or "TIOCSTI 25" in done.stdout   # EPERM; ENOTTY if no tty
