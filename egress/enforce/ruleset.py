@@ -402,6 +402,13 @@ def _antispoof(r: TaskRules) -> list[str]:
     return out
 
 
+def _no_inbound() -> list[str]:
+    """The task answers no connection it did not open: a reply-direction packet from it
+    belongs to a flow someone else started (from the uplink, or the host), which no purpose
+    declares and the gate and the record never see; an invalid one has no flow at all."""
+    return ["ct state invalid counter drop", "ct direction reply counter drop"]
+
+
 def _egress_rules(r: TaskRules) -> list[str]:
     p, tag = names(r.task), r.task[:100]
     expr, _, _ = _key(r)
@@ -410,6 +417,9 @@ def _egress_rules(r: TaskRules) -> list[str]:
         rules.append(f"{expr} != @{p}_live counter drop")
     if r.match.kind == "interface":
         rules += _antispoof(r)
+    else:
+        rules.append('oifname "lo" accept')     # the host's own loopback is not egress
+    rules += _no_inbound()
     mark = f"ct mark and {r.mark_mask:#010x} == {r.block_mark:#010x}"          # 1
     rules += _reject(r, mark, f"egress block {tag}")
     rules.append("ct state established,related accept")                     # 2
@@ -454,6 +464,7 @@ def _input_rules(r: TaskRules) -> list[str]:
     p, tag = names(r.task), r.task[:100]
     rules = [f"iifname != @{p}_live counter drop"] if r.deadman_seconds else []
     rules += _antispoof(r)
+    rules += _no_inbound()
     rules.append("ct state established,related accept")
     for family, resolver in (("ip", r.resolver4), ("ip6", r.resolver6)):
         if resolver:

@@ -366,3 +366,21 @@ except OSError as e:
     assert "io_uring_setup -1 1" in done.stdout, done.stdout + done.stderr
     assert "family 40 97" in done.stdout and "family 17 97" in done.stdout
     assert "TIOCSTI 1" in done.stdout or "TIOCSTI 25" in done.stdout   # EPERM; ENOTTY if no tty
+
+
+def test_nobody_outside_can_open_a_connection_to_the_task(lab):
+    """A server in the task, reached from the uplink's side (a route to the task subnet via
+    the host): its answers must not leave, or they would be egress nobody judged."""
+    lab.start_dns({"pypi.lab": "203.0.113.10"})
+    purpose = lab.dir / "purpose.toml"
+    purpose.write_text(PURPOSE)
+    run = lab.spawn("host", EGRESS, "run", "--task", "lab-run", "--purpose", purpose,
+                    "--no-store", "--", "sh", "-c",
+                    "python3 -m http.server 8080 --bind 0.0.0.0 & sleep 6; kill $!",
+                    log="server.log")
+    time.sleep(2)
+    lab.net("ip", "route", "add", "10.213.0.0/16", "via", "10.99.0.2")
+    got = lab.net("curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}",
+                  "http://10.213.0.2:8080/", check=False)
+    assert got.stdout == "000"
+    assert run.wait(timeout=30) == 0
