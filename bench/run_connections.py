@@ -742,7 +742,8 @@ def main() -> int:
     runs: list[dict] = []
     problems: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="egress-bench-conn-"))     # 0700, root's
-    shared = Path(tempfile.mkdtemp(prefix="egress-bench-conn-logs-"))
+    # not /tmp: egress run gives each task a private one
+    shared = Path(tempfile.mkdtemp(prefix="egress-bench-conn-logs-", dir="/var/lib"))
     os.chmod(shared, 0o755)                     # h2load's logs: the task's user writes them
     try:
         with Lab(workdir) as lab:

@@ -12,7 +12,7 @@ writes the first bytes of each connection to a file, so a banner that got throug
 Nothing is linked into the root namespace, nothing is forwarded or NATed there.
 
 The client (`CLIENT` below, run by the task's user with /usr/bin/python3 from a 0755 folder
-made under /tmp and removed afterwards) repeats N times (default 500), interleaved, rotating
+made under /var/lib and removed afterwards) repeats N times (default 500), interleaved, rotating
 which comes first:
 - ssh: resolve gate.lab (egress's resolver; not timed), connect to port 443, then time from
   sendall("SSH-2.0-OpenSSH_9.2p1\\r\\n") to the first error or end of recv(): the gate
@@ -249,7 +249,8 @@ def main() -> int:
     out: dict = {"n": args.n, "kernel": platform.release(), "cpus": os.cpu_count(),
                  "target_p99_ms": TARGET_MS, "code": code_state()}
     workdir = Path(tempfile.mkdtemp(prefix="egress-bench-latency-"))    # 0700, root's
-    shared = Path(tempfile.mkdtemp(prefix="egress-bench-latency-client-"))
+    # not /tmp: egress run gives each task a private one
+    shared = Path(tempfile.mkdtemp(prefix="egress-bench-latency-client-", dir="/var/lib"))
     os.chmod(shared, 0o755)                     # the task's user reads the client here
     client = shared / "client.py"
     client.write_text(CLIENT)

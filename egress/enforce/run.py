@@ -295,6 +295,11 @@ class TaskRun:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
         finally:
+            if box and box.proc and box.proc.poll() is None:
+                # We are leaving early (an error, an interrupt): nothing of the task may run
+                # on once its rules are gone.
+                from egress.enforce.cleanup import stop_task
+                stop_task(box.proc.pid)
             if switch:
                 switch.stopped.set()
             if resolver:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 DEFAULT_USER = "egress-task"
@@ -109,16 +107,16 @@ class Sandbox:
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     cwd: str = field(default_factory=os.getcwd)
     proc: subprocess.Popen | None = None
-    _home: str | None = None
 
     def start(self) -> subprocess.Popen:
-        home = self.user.home
+        home, make_home = self.user.home, None
         if not os.path.isdir(home) or os.stat(home).st_uid != self.user.uid:
-            home = self._home = tempfile.mkdtemp(prefix="egress-home-")
-            os.chown(home, self.user.uid, self.user.gid)
+            # a home of its own in its private /tmp, gone with the task
+            home = "/tmp/home"
+            make_home = {"path": home, "uid": self.user.uid, "gid": self.user.gid}
         spec = {"netns": self.netns, "argv": self.argv, "uid": self.user.uid,
                 "gid": self.user.gid, "cwd": self.cwd, "hide": self.hide,
-                "resolv_conf": self.resolv_conf,
+                "resolv_conf": self.resolv_conf, "home": make_home,
                 "env": task_environment(self.env, self.user, home)}
         read, write = os.pipe()
         try:
@@ -146,5 +144,4 @@ class Sandbox:
         return 128 - status if status < 0 else status
 
     def close(self) -> None:
-        if self._home:
-            shutil.rmtree(self._home, ignore_errors=True)
+        """Nothing to remove: the task's home lived in its private /tmp."""

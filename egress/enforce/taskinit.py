@@ -60,15 +60,52 @@ def enter_namespaces(netns_path: str) -> None:
     _mount("none", "/", None, MS_REC | MS_PRIVATE)
 
 
-def hide(paths: list[str], resolv_conf: str | None) -> None:
-    """Empty tmpfs over directories, /dev/null over files and sockets; our resolv.conf."""
+PRIVATE = ("/tmp", "/var/tmp", "/dev/shm")
+"""Shared scratch places: the task gets its own, empty (another run's files, or a unix
+socket relaying to the network, would be reachable there)."""
+EMPTIED = ("/run", "/var/run")
+"""Where the host's daemons keep their sockets (the journal, D-Bus, nscd, systemd-resolved's
+varlink, container runtimes, the named network namespaces): an empty tmpfs over all of it,
+not a list of what to hide."""
+
+
+def hide(paths: list[str], resolv_conf: str | None, home: dict | None = None) -> None:
+    """An empty /run, private scratch places, /dev/null over the other hidden paths, the
+    task's resolv.conf, and its home (in its private /tmp)."""
+    resolv_target = os.path.realpath("/etc/resolv.conf")
+    resolv_text = open(resolv_conf).read() if resolv_conf else None
+    for path in EMPTIED:
+        if os.path.isdir(path) and not os.path.islink(path):
+            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=1m")
+    for path in PRIVATE:
+        if os.path.isdir(path) and not os.path.islink(path):
+            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     for path in paths:
+        if not os.path.lexists(path) or path.startswith(EMPTIED + PRIVATE):
+            continue
         if os.path.isdir(path) and not os.path.islink(path):
             _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
-        elif os.path.lexists(path):
+        else:
             _mount("/dev/null", os.path.realpath(path), None, MS_BIND)
-    if resolv_conf:
-        _mount(resolv_conf, os.path.realpath("/etc/resolv.conf"), None, MS_BIND)
+    if resolv_text is not None:
+        _place_resolv_conf(resolv_target, resolv_text)
+    if home:
+        os.makedirs(home["path"], mode=0o700, exist_ok=True)
+        os.chown(home["path"], home["uid"], home["gid"])
+
+
+def _place_resolv_conf(target: str, text: str) -> None:
+    """The task's resolv.conf where /etc/resolv.conf leads: written into the emptied /run
+    when it leads there (systemd-resolved's stub file), else bound over the file."""
+    if target.startswith(tuple(p + "/" for p in EMPTIED)):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "w") as f:
+            f.write(text)
+        return
+    source = "/run/egress-resolv.conf"
+    with open(source, "w") as f:
+        f.write(text)
+    _mount(source, target, None, MS_BIND)
 
 
 def _forward_to(pid: int) -> None:
@@ -160,7 +197,7 @@ def main() -> None:
         spec = json.load(f)
     try:
         enter_namespaces(spec["netns"])
-        hide(spec["hide"], spec.get("resolv_conf"))
+        hide(spec["hide"], spec.get("resolv_conf"), spec.get("home"))
     except OSError as e:
         print(f"egress run: sandbox: {e}", file=sys.stderr)
         sys.exit(126)

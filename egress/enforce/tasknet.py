@@ -300,8 +300,12 @@ def _remove_unlocked(net: TaskNet) -> list[str]:
         except (NetError, OSError) as e:
             problems.append(str(e))
 
+    # The link first: a namespace that still holds a process outlives `ip netns del`, and
+    # its veth with it, with no rules left in front of the host.
+    if Path(f"/sys/class/net/{net.host_if}").exists():
+        attempt(sh, "ip", "link", "del", net.host_if)
     if Path(net.netns_path).exists():
-        attempt(sh, "ip", "netns", "del", net.netns)       # takes the veth with it
+        attempt(sh, "ip", "netns", "del", net.netns)
     if _nat_exists():
         for line in nat_rules(net, add=False).splitlines():
             with contextlib.suppress(NetError):              # absent: never added

@@ -28,6 +28,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +43,10 @@ TOOLS = {"ip": "iproute2", "tcpdump": "tcpdump", "sshd": "openssh-server",
          "ptunnel-ng": "ptunnel-ng", "iodine": "iodine", "iodined": "iodine",
          "socat": "socat"}
 """Commands the lab uses, with the Debian package that brings each (tests/system-deps.sh)."""
+
+
+SHARED_ROOT = "/var/lib"
+"""Where files for a task's user go (`Lab.shared_dir`): /tmp is private to each task."""
 
 
 class LabError(RuntimeError):
@@ -105,6 +110,14 @@ class Lab:
         self._made.append(("dir", netns_etc))
         # ip netns exec bind-mounts this over /etc/resolv.conf for the host's commands.
         (netns_etc / "resolv.conf").write_text(f"nameserver {LINK_NET}\n")
+
+    def shared_dir(self) -> Path:
+        """A folder the task's user can read: outside /tmp, which `egress run` makes private
+        to each task (root-owned, 0755, removed when the lab closes)."""
+        path = Path(tempfile.mkdtemp(prefix=f"egress-lab-{self.id}-", dir=SHARED_ROOT))
+        os.chmod(path, 0o755)
+        self._made.append(("dir", path))
+        return path
 
     def cleanup_later(self, path: Path) -> None:
         """Remove a file made outside the lab's folder when the lab closes."""

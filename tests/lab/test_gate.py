@@ -5,9 +5,7 @@ TLS to the same kind of rule passes; audit mode lets it through and flags it."""
 import json
 import os
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 from tests.lab.test_run import EGRESS, stored
 
@@ -113,9 +111,7 @@ def test_a_reverse_tunnel_found_while_open_is_cut(lab):
     its traffic while it runs, its conntrack entry marked blocked and its socket destroyed."""
     lab.start_dns({"relay.lab": "198.51.100.7"})
     key = lab.start_sshd("198.51.100.7", 22)
-    shared = Path(tempfile.mkdtemp(prefix="egress-lab-ssh-"))
-    lab.cleanup_later(shared / "config")
-    lab.cleanup_later(shared / "key")
+    shared = lab.shared_dir()
     (shared / "key").write_bytes(key.read_bytes())
     (shared / "config").write_text(
         "Host relay.lab\n  User root\n  IdentityFile " + str(shared / "key") + "\n"
@@ -158,9 +154,7 @@ def test_a_tunnel_used_only_after_the_first_packets_is_found_from_the_headers_fe
     only through the headers-only feed that follows watched (SSH) flows."""
     lab.start_dns({"relay.lab": "198.51.100.7"})
     key = lab.start_sshd("198.51.100.7", 22)
-    shared = Path(tempfile.mkdtemp(prefix="egress-lab-ssh-"))
-    for name in ("config", "key", "egress.toml"):
-        lab.cleanup_later(shared / name)
+    shared = lab.shared_dir()
     (shared / "key").write_bytes(key.read_bytes())
     (shared / "config").write_text(
         "Host relay.lab\n  User root\n  StrictHostKeyChecking no\n"

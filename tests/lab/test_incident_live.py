@@ -8,8 +8,6 @@ shows each attempt with its process and finding."""
 import json
 import os
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -40,8 +38,7 @@ def incident(lab, mode: str):
     lab.start_dns({"pypi.lab": "203.0.113.10", "files.lab": "203.0.113.30",
                    "relay.lab": "198.51.100.7"})
     # the task's user reads the index's CA: a copy outside the test's private folder
-    ca = Path(tempfile.mkstemp(prefix="egress-lab-ca-", suffix=".crt")[1])
-    lab.cleanup_later(ca)
+    ca = lab.shared_dir() / "index-ca.crt"
     ca.write_bytes(lab.start_https("pypi.lab", "203.0.113.10", root=www).read_bytes())
     os.chmod(ca, 0o644)
     received = {"files.lab:443": lab.start_listener("203.0.113.30", 443),

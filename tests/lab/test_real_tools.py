@@ -6,11 +6,9 @@ the records must carry the real banners, fingerprints and names, the
 index must be allowed, and the SSH to an undeclared relay flagged.
 """
 
-import subprocess
 import time
 
-from egress.judge import Judge
-from egress.records import FlowRecord, NameBinding
+from egress.records import FlowRecord
 from egress.replay import replay
 from egress.sources.capture import CaptureSource
 from tagging import manifest

@@ -384,3 +384,30 @@ def test_nobody_outside_can_open_a_connection_to_the_task(lab):
                   "http://10.213.0.2:8080/", check=False)
     assert got.stdout == "000"
     assert run.wait(timeout=30) == 0
+
+
+def test_the_task_sees_no_host_socket_and_a_tmp_of_its_own(lab):
+    """A unix socket of the host in /run or /tmp (a relay to the network, a daemon) is out
+    of the task's sight; its /tmp is its own and empty."""
+    lab.start_dns({"pypi.lab": "203.0.113.10"})
+    purpose = lab.dir / "purpose.toml"
+    purpose.write_text(PURPOSE)
+    relays = []
+    for folder in ("/run", "/tmp"):
+        path = Path(folder) / f"egress-lab-relay-{lab.id}.sock"
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+        os.chmod(path, 0o666)
+        server.listen()
+        relays.append((server, path))
+    try:
+        done = egress_run(lab, f"ls -A /tmp; ls /run/egress-lab-relay-{lab.id}.sock "
+                               f"/tmp/egress-lab-relay-{lab.id}.sock 2>&1; cat /etc/resolv.conf")
+    finally:
+        for server, path in relays:
+            server.close()
+            path.unlink()
+    listing = done.stdout.splitlines()
+    assert listing[0] == "home"                                  # its own, made for it
+    assert done.stdout.count("No such file or directory") == 2, done.stdout
+    assert "nameserver 10.213." in done.stdout
