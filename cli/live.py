@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cli import render
-from cli.main import CONTEXT, DB_OPTION, VIOLATIONS, Failure, _fail, _load_purpose
+from cli.main import CONTEXT, DB_OPTION, VIOLATIONS, Failure, _fail
 from cli.params import TASK_ID
 from egress import config as config_mod
 from egress.records import Mode
@@ -47,14 +47,15 @@ def run(ctx, task, purpose_file, mode, user, db_url, no_store, fail_on_violation
     from egress.enforce.run import RunError, RunOptions, TaskRun
     from egress.enforce.sandbox import SandboxError
     from egress.enforce.nft import NftError
+    from egress.enforce.purposefile import PurposeFileError
+    from tagging import manifest
     from egress.enforce.tasknet import NetError
     cfg: config_mod.Config = ctx.obj
-    purpose = _load_purpose(purpose_file)
     upstream = None
     if cfg.resolver.upstream:
         upstream = (cfg.resolver.upstream[0], 53)
-    opts = RunOptions(task=task, purpose=purpose, argv=list(command),
-                      mode=purpose.effective_mode(Mode(mode) if mode else None), user=user,
+    opts = RunOptions(task=task, purpose=None, argv=list(command),
+                      requested_mode=Mode(mode) if mode else None, user=user,
                       upstream=upstream, pool4=cfg.pools.ipv4, pool6=cfg.pools.ipv6,
                       min_ttl=cfg.resolver.min_ttl, nflog_group=cfg.netfilter.log_group,
                       mark_mask=cfg.netfilter.mark_mask, priority=cfg.netfilter.priority,
@@ -69,7 +70,8 @@ def run(ctx, task, purpose_file, mode, user, db_url, no_store, fail_on_violation
         result = TaskRun(opts, purpose_path=purpose_file, recorder=recorder).run()
         if recorder is not None:
             recorder.finish(result.flows, {"resolver": result.resolver})
-    except (RunError, SandboxError, NetError, NftError, OSError, WriterError) as e:
+    except (RunError, SandboxError, NetError, NftError, OSError, WriterError,
+            manifest.ManifestError, PurposeFileError) as e:
         if recorder is not None:
             recorder.abandon()
         raise _fail(e)

@@ -13,7 +13,7 @@ for pair in ip:iproute2 tcpdump:tcpdump sshd:openssh-server ssh:openssh-client \
             nginx:nginx-light dnsmasq:dnsmasq-base curl:curl openssl:openssl autossh:autossh \
             ping:iputils-ping ptunnel-ng:ptunnel-ng iodine:iodine socat:socat \
             nft:nftables iptables-nft:iptables ipset:ipset conntrack:conntrack iperf3:iperf3 \
-            dig:bind9-dnsutils sudo:sudo; do
+            dig:bind9-dnsutils sudo:sudo setfacl:acl; do
     tool=${pair%%:*} pkg=${pair#*:}
     command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || need+=("$pkg")
 done

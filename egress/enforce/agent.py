@@ -18,13 +18,12 @@ import dataclasses
 import json
 import os
 import socket
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from egress.enforce import agentrules, tasknet
+from egress.enforce import agentrules, purposefile, tasknet
 from egress.enforce.liverecord import LiveRecorder
 from egress.enforce.nft import Nft
 from egress.enforce.resolver import Resolver
@@ -93,18 +92,6 @@ class TaskSlot:
                 "started": self.started, "dns": self.server.counters}
 
 
-def check_purpose_file(path: str, uid: int | None) -> None:
-    """A live purpose must be out of the task's reach (DESIGN: a manifest the task's user
-    can write is refused)."""
-    resolved = Path(path).resolve()
-    for part in [resolved, *resolved.parents]:
-        st = part.stat()
-        if (uid is not None and st.st_uid == uid) or st.st_mode & stat.S_IWOTH and not (
-                part != resolved and st.st_mode & stat.S_ISVTX):
-            raise AgentError(f"{path}: the task can write {part}; a live purpose must be "
-                             "out of the task's reach")
-
-
 class Agent:
     def __init__(self, opts: AgentOptions, recorder=None):
         self.opts, self.recorder = opts, recorder
@@ -142,8 +129,9 @@ class Agent:
         if match.kind == "interface":
             raise AgentError("the agent matches a task by --uid or --cgroup (egress run "
                              "handles interfaces)")
-        check_purpose_file(purpose_path, match.value if match.kind == "uid" else None)
-        purpose = manifest.load(purpose_path)
+        uid = int(match.value) if match.kind == "uid" else None
+        purpose = purposefile.load(purpose_path, uid, None, f"uid {uid}" if uid is not None
+                                   else f"of {match}")
         least = Mode(mode) if mode else self.opts.mode
         effective = purpose.effective_mode(least)
         purpose = dataclasses.replace(purpose, mode=effective, task=task)
@@ -217,7 +205,8 @@ class Agent:
             raise AgentError(f"unknown request {op!r}")
         except KeyError as e:
             return {"ok": False, "error": f"request {op!r} lacks {e.args[0]!r}"}
-        except (AgentError, ValueError, OSError, manifest.ManifestError) as e:
+        except (AgentError, ValueError, OSError, manifest.ManifestError,
+                purposefile.PurposeFileError) as e:
             return {"ok": False, "error": " ".join(str(e).split())}
 
     def _serve(self) -> None:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from egress.enforce import gaterules, sandbox, tasknet
+from egress.enforce import gaterules, purposefile, sandbox, tasknet
 from egress.enforce.gateproc import GateProcess, GateSpec
 from egress.enforce.nft import Nft
 from egress.detectors import live_window
@@ -42,9 +41,12 @@ class RunError(RuntimeError):
 @dataclass
 class RunOptions:
     task: str
-    purpose: Purpose
+    purpose: Purpose | None
+    """None: read from the run's purpose file, once the task's user is known."""
     argv: list[str]
     mode: Mode = Mode.AUDIT
+    requested_mode: Mode | None = None
+    """The command line's mode: may tighten the purpose's, never loosen it."""
     user: str | None = None
     upstream: tuple[str, int] | None = None
     """The resolver allowed names are forwarded to; the host's first nameserver by default."""
@@ -86,20 +88,6 @@ class RunResult:
     """The gate's counters (held, allowed, blocked, decided on ...)."""
     gate_latency_us: list[int] = field(default_factory=list)
     """Per judged flow: µs from reading its deciding packet to its verdict."""
-
-
-def preflight(purpose_path: str | None, user: sandbox.TaskUser) -> None:
-    """Refuse to start where the sandbox cannot hold: not root, or a manifest the task
-    itself could rewrite."""
-    if purpose_path:
-        path = Path(purpose_path).resolve()
-        for part in [path, *path.parents]:
-            st = part.stat()
-            if (st.st_uid == user.uid or st.st_mode & stat.S_IWOTH
-                    or (st.st_mode & stat.S_IWGRP and st.st_gid == user.gid)) \
-                    and not (part != path and st.st_mode & stat.S_ISVTX):
-                raise RunError(f"{purpose_path}: the task's user {user.name} can write "
-                               f"{part}; a live purpose must be out of the task's reach")
 
 
 def host_upstream() -> tuple[str, int]:
@@ -222,7 +210,9 @@ class TaskRun:
             raise RunError("egress run needs root (it makes network namespaces and loads "
                            "nftables rules: CAP_NET_ADMIN and CAP_SYS_ADMIN)")
         user = sandbox.task_user(opts.user, sandbox.caller_uid())
-        preflight(self.purpose_path, user)
+        if self.purpose_path:               # read once, and only if out of the task's reach
+            opts.purpose = purposefile.load(self.purpose_path, user.uid, user.gid, user.name)
+            opts.mode = opts.purpose.effective_mode(opts.requested_mode)
         upstream = opts.upstream or host_upstream()
         window = live_window()
 

@@ -411,3 +411,15 @@ def test_the_task_sees_no_host_socket_and_a_tmp_of_its_own(lab):
     assert listing[0] == "home"                                  # its own, made for it
     assert done.stdout.count("No such file or directory") == 2, done.stdout
     assert "nameserver 10.213." in done.stdout
+
+
+def test_a_manifest_an_acl_lets_the_task_write_is_refused(lab):
+    from egress.enforce.sandbox import task_user
+    task_user()                                 # egress-task, made on first use
+    purpose = lab.dir / "acl.toml"
+    purpose.write_text(PURPOSE)
+    os.chmod(purpose, 0o640)
+    lab.host("setfacl", "-m", "u:egress-task:rw", purpose)
+    done = lab.host(EGRESS, "run", "--task", "lab-run", "--purpose", purpose, "--no-store",
+                    "--", "true", check=False)
+    assert done.returncode == 1 and "POSIX ACL" in done.stderr, done.stderr
