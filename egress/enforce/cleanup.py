@@ -74,8 +74,10 @@ def clean_dead_runs() -> list[str]:
     done = []
     here = tasknet.host_netns_id()
     for net in tasknet.all_runs():
-        if net.host_netns != here or _alive(net.auditor_pid, "egress"):
-            continue
+        alive = (tasknet.start_ticks(net.auditor_pid) == net.auditor_start
+                 if net.auditor_start else _alive(net.auditor_pid, "egress"))
+        if net.host_netns != here or alive:
+            continue                        # another host's, or its auditor still runs
         stopped = stop_task(net.task_pid)
         if net.gate:
             from egress.enforce import gaterules

@@ -47,6 +47,15 @@ def sh(*cmd: str, input: str | None = None) -> str:
     return done.stdout
 
 
+def start_ticks(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot, or None when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return int(raw[raw.rfind(b")") + 2:].split()[19])
+
+
 def host_netns_id() -> int:
     return os.stat("/proc/self/ns/net").st_ino
 
@@ -71,6 +80,9 @@ class TaskNet:
     """The nft transaction that removes the task's rules (for cleanup)."""
     nflog_group: int = 0
     """The run's NFLOG group (first packets); rejections go to the next one."""
+    auditor_start: int = 0
+    """The auditor's start time (/proc/PID/stat, clock ticks): with its pid, it names the
+    process; a reused pid is another."""
     queue: int = 0
     """The run's NFQUEUE number (the gate)."""
     gate: dict = field(default_factory=dict)
@@ -220,7 +232,7 @@ def create(task: str, pool4: str = DEFAULT_POOL4, pool6: str = DEFAULT_POOL6,
         net = TaskNet(task=task, netns=f"egress-{tag}", host_if=f"egt{tag}",
                       uplink=uplink or default_uplink(), net4=pick_subnet(pool4, 30, taken),
                       net6=pick_subnet(pool6, 64, taken), auditor_pid=os.getpid(),
-                      host_netns=me)
+                      host_netns=me, auditor_start=start_ticks(os.getpid()) or 0)
         used = {r.nflog_group for r in others}
         net.nflog_group = next(g for g in range(nflog_base, nflog_base + 2 * 1024, 2)
                                if g not in used)
