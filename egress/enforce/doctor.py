@@ -832,6 +832,32 @@ NEEDS_ROOT = ("netns", "nftables", "socket-cgroupv2", "inline-gate", "nflog", "c
               "firewall")
 
 
+def host_lookups_check(nsswitch: str, nscd_socket: bool) -> Check:
+    """The host agent redirects a task's DNS on port 53 to its resolver; lookups that go
+    over a unix socket instead (nss-resolve to systemd-resolved, nscd) are not redirected,
+    so such a task's names are neither bound to it nor refused."""
+    hosts = next((line.split(":", 1)[1].split() for line in nsswitch.splitlines()
+                  if line.strip().startswith("hosts:")), [])
+    sources = [word for word in hosts if not word.startswith("[")]
+    problems, fixes = [], []
+    if "resolve" in sources and ("dns" not in sources
+                                 or sources.index("resolve") < sources.index("dns")):
+        problems.append("nsswitch.conf looks names up through nss-resolve (systemd-resolved's "
+                        "socket) before DNS")
+        fixes.append("put dns before resolve on the hosts: line of /etc/nsswitch.conf (or "
+                     "remove resolve)")
+    if nscd_socket:
+        problems.append("nscd answers lookups over /run/nscd/socket")
+        fixes.append("turn off nscd's hosts cache (enable-cache hosts no in /etc/nscd.conf)")
+    facts = {"hosts": hosts, "nscd": nscd_socket}
+    if problems:
+        return Check("host-lookups", WARN, "; ".join(problems) + ": the agent cannot bind or "
+                     "refuse those names per task (egress run is not affected: its tasks "
+                     "see neither)", "; ".join(fixes), facts)
+    return Check("host-lookups", OK, f"names are looked up by {' '.join(hosts) or 'default'}: "
+                 "a task's DNS goes over port 53, where the agent redirects it", facts=facts)
+
+
 def run_checks(cfg: Config | None = None) -> list[Check]:
     """Every check, in the order the report shows them."""
     cfg = cfg or Config()
@@ -849,7 +875,9 @@ def run_checks(cfg: Config | None = None) -> list[Check]:
         except Exception as e:
             checks.append(Check("firewall", WARN, f"cannot read the host's ruleset: {e}",
                                 "check by hand: nft list ruleset"))
-    checks += [ipv4_forwarding_check(), ipv6_forwarding_check(), cgroup_check(layout)]
+    checks += [ipv4_forwarding_check(), ipv6_forwarding_check(), cgroup_check(layout),
+               host_lookups_check(_read("/etc/nsswitch.conf"),
+                                  os.path.exists("/run/nscd/socket"))]
     for version, pool in ((4, cfg.pools.ipv4), (6, cfg.pools.ipv6)):
         try:
             checks.append(pool_check(f"pool-ipv{version}", pool, _routes(version)))

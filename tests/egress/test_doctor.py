@@ -393,3 +393,19 @@ def test_replies_pass_by_a_plain_established_accept():
     without = ruleset(*[o for o in rs["nftables"][1:] if "rule" not in o
                         or o["rule"]["expr"][0] is not established])
     assert [c.status for c in d.firewall_checks(without)] == [WARN]
+
+
+@pytest.mark.parametrize("nsswitch,nscd,status", [
+    ("hosts:          files dns\n", False, "ok"),
+    ("hosts: files resolve [!UNAVAIL=return] dns\n", False, "warn"),
+    ("hosts: files dns resolve\n", False, "ok"),
+    ("hosts: files myhostname resolve\n", False, "warn"),
+    ("hosts: files dns\n", True, "warn"),
+    ("", False, "ok"),
+])
+def test_host_lookups_that_bypass_port_53_are_reported(nsswitch, nscd, status):
+    from egress.enforce.doctor import host_lookups_check
+    check = host_lookups_check(nsswitch, nscd)
+    assert check.status == status and check.name == "host-lookups"
+    if status == "warn":
+        assert check.fix
