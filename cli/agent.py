@@ -43,9 +43,10 @@ def agent(ctx, db_url, no_store, mode, group, socket_path) -> None:
     from egress.enforce.agent import Agent, AgentError, AgentOptions
     from egress.enforce.nft import NftError
     from egress.records import Mode
-    import os
-    if os.geteuid() != 0:
-        raise Failure("egress agent needs root (nftables rules, NFLOG, conntrack)")
+    from egress.enforce.doctor import CAP_NET_ADMIN, capabilities
+    if not capabilities(Path("/proc/self/status").read_text()) >> CAP_NET_ADMIN & 1:
+        raise Failure("egress agent needs CAP_NET_ADMIN (nftables rules, NFLOG, conntrack); "
+                      "run it as root or as examples/systemd/egress-agent.service does")
     cfg: config_mod.Config = ctx.obj
     try:
         gid = grp.getgrnam(group).gr_gid if group else None

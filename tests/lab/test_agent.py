@@ -3,10 +3,14 @@ audit), a process no task claims, one task stopped midway. Every flow lands on t
 task or untagged, judged as its purpose says."""
 
 import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 EGRESS = str(Path(sys.executable).parent / "egress")
 T1, T2, STRANGER = 65534, 65533, 65532
@@ -27,12 +31,19 @@ def curl(lab, uid: int, url: str) -> str:
                     url, check=False).stdout
 
 
-def test_two_tasks_an_untagged_process_and_a_task_stopped_midway(lab):
+BOUNDED = ["setpriv", "--bounding-set", "-all,+net_admin,+net_bind_service",
+           "--inh-caps", "-all"]
+"""The capabilities examples/systemd/egress-agent.service gives the agent, and no others."""
+
+
+@pytest.mark.parametrize("limits", [[], BOUNDED], ids=["root", "unit-capabilities"])
+def test_two_tasks_an_untagged_process_and_a_task_stopped_midway(lab, limits):
     lab.start_dns({"pypi.lab": "203.0.113.10", "other.lab": "203.0.113.20"})
     lab.start_https("pypi.lab", "203.0.113.10")
     lab.start_https("other.lab", "203.0.113.20")
     sock, db = lab.dir / "agent.sock", lab.dir / "egress.db"
-    agent = lab.spawn("host", EGRESS, "agent", "--socket", sock, "--db", db, log="agent.log")
+    agent = lab.spawn("host", *limits, EGRESS, "agent", "--socket", sock, "--db", db,
+                      log="agent.log")
     lab.wait_log("agent.log", "listening on")
     for task, uid, mode, host in (("t1", T1, "enforce", "pypi.lab"),
                                   ("t2", T2, "audit", "other.lab")):
@@ -71,3 +82,17 @@ def test_two_tasks_an_untagged_process_and_a_task_stopped_midway(lab):
     assert of(None, "203.0.113.20") == ["flag", "flag"]         # the stranger, t1 after stop
     untagged = [f for f in flows if f["task"] is None]
     assert all("untagged" in {x["id"] for x in f["findings"]} for f in untagged)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_systemd_unit_verifies(tmp_path):
+    unit = Path(__file__).parents[2] / "examples" / "systemd" / "egress-agent.service"
+    text = unit.read_text()
+    bounding = re.search(r"^CapabilityBoundingSet=(.*)$", text, re.M).group(1).split()
+    assert bounding == ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"]
+    assert [f"+{c[4:].lower()}" for c in bounding] == BOUNDED[2].split(",")[1:]
+    local = tmp_path / "egress-agent.service"
+    local.write_text(text.replace("/usr/local/bin/egress", EGRESS))
+    done = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
