@@ -103,20 +103,23 @@ def _ask(socket_path: str, payload: dict) -> dict:
 @SOCKET_OPTION
 def task_start(task, purpose_file, uid, cgroup, mode, socket_path) -> None:
     """Start a task: its sockets (by uid or cgroup) get its purpose's rules, its own
-    resolver, and its id on the record.
+    resolver, and its id on the record. With neither, the host's single such task
+    takes, while it runs, the flows of ordinary users that no task claims (recorded and
+    judged in audit mode; nothing can enforce them).
 
     \b
     Examples:
       sudo egress task start fix-1234 --purpose task.toml --uid 1001
       sudo egress task start fix-1234 --purpose task.toml --cgroup /agents/fix-1234
     """
-    if (uid is None) == (cgroup is None):
-        raise click.UsageError("give exactly one of --uid or --cgroup")
-    match = f"uid:{uid}" if uid is not None else f"cgroup:{cgroup}"
+    if uid is not None and cgroup is not None:
+        raise click.UsageError("give one of --uid or --cgroup, not both")
+    match = f"uid:{uid}" if uid is not None else f"cgroup:{cgroup}" if cgroup else None
     reply = _ask(socket_path, {"op": "start", "task": task, "match": match, "mode": mode,
                                "purpose": str(Path(purpose_file).resolve())})
     t = reply["task"]
-    click.echo(f"task {t['task']} started: {t['match']}, {t['mode']}, resolver {t['resolver']}")
+    click.echo(f"task {t['task']} started: {t['match']}, {t['mode']}, resolver "
+               f"{t['resolver'] or '- (its DNS is not redirected)'}")
 
 
 @task_group.command("stop", context_settings=CONTEXT)

@@ -106,6 +106,8 @@ class Agent:
                                  task_init=lambda: None, purposes=self.purposes,
                                  label_prefix=agentrules.PREFIX)
         self.live.own_resolvers = set(RESOLVERS) | {ANY_SERVER}
+        self.window: dict | None = None
+        self.live.unclaimed = lambda: self.window["task"] if self.window else ""
         self._server: socket.socket | None = None
 
     # ------------------------------------------------------------ kernel
@@ -122,8 +124,28 @@ class Agent:
 
     # ------------------------------------------------------------ tasks
 
-    def start_task(self, task: str, purpose_path: str, match_text: str,
-                   mode: str | None = None) -> TaskSlot:
+    def start_window_task(self, task: str, purpose_path: str) -> dict:
+        """A task given neither uid nor cgroup: while it runs, and while it is the host's only
+        such task, the flows of ordinary users' sockets no task claims are its (recorded and
+        judged, not enforced: no rule can match them). Never system users' (below uid 1000)."""
+        manifest.check_task_id(task)
+        purpose = purposefile.load(purpose_path, None, None, "of the window")
+        with self._lock:
+            if self.window is not None:
+                raise AgentError(f"task {self.window['task']} is already attributed by time "
+                                 "window; give --uid or --cgroup to tell tasks apart")
+            if task in self.tasks:
+                raise AgentError(f"task {task} is already running")
+            self.purposes[task] = dataclasses.replace(purpose, mode=Mode.AUDIT, task=task)
+            self.window = {"task": task, "match": "time window", "mode": "audit",
+                           "purpose": str(purpose_path), "resolver": None,
+                           "started": time.time_ns() // 1000, "dns": {}}
+        return self.window
+
+    def start_task(self, task: str, purpose_path: str, match_text: str | None,
+                   mode: str | None = None) -> TaskSlot | dict:
+        if match_text is None:
+            return self.start_window_task(task, purpose_path)
         manifest.check_task_id(task)
         match = Match.parse(match_text)
         if match.kind == "interface":
@@ -170,8 +192,11 @@ class Agent:
             self.tasks[task] = slot
         return slot
 
-    def stop_task(self, task: str) -> TaskSlot:
+    def stop_task(self, task: str) -> TaskSlot | dict:
         with self._lock:
+            if self.window is not None and self.window["task"] == task:
+                window, self.window = self.window, None
+                return window
             slot = self.tasks.pop(task, None)
         if slot is None:
             raise AgentError(f"no running task {task}")
@@ -190,15 +215,18 @@ class Agent:
         op = request.get("op")
         try:
             if op == "start":
-                slot = self.start_task(request["task"], request["purpose"], request["match"],
-                                       request.get("mode"))
-                return {"ok": True, "task": slot.describe()}
+                slot = self.start_task(request["task"], request["purpose"],
+                                       request.get("match"), request.get("mode"))
+                return {"ok": True, "task": _described(slot)}
             if op == "stop":
-                return {"ok": True, "task": self.stop_task(request["task"]).describe()}
+                return {"ok": True, "task": _described(self.stop_task(request["task"]))}
             if op == "list":
-                return {"ok": True, "tasks": [s.describe() for s in self.tasks.values()]}
+                tasks = [s.describe() for s in self.tasks.values()]
+                return {"ok": True, "tasks": tasks + ([self.window] if self.window else [])}
             if op == "show":
                 slot = self.tasks.get(request["task"])
+                if slot is None and self.window and self.window["task"] == request["task"]:
+                    return {"ok": True, "task": self.window}
                 if slot is None:
                     raise AgentError(f"no running task {request['task']}")
                 return {"ok": True, "task": slot.describe()}
@@ -253,6 +281,7 @@ class Agent:
     def run(self) -> None:
         """Until ``stop``: the record runs, tasks come and go."""
         self.live.start()
+        self._apply(agentrules.base(self.opts.nflog_group, self.opts.first_packets))
         self.listen()
         self._stop.wait()
 
@@ -272,9 +301,17 @@ class Agent:
             except FileNotFoundError:
                 pass
         self.live.stop_reading()
+        try:
+            self._apply(f"delete table {agentrules.TABLE}\n")    # the untagged recording
+        except Exception:                   # noqa: BLE001 - never loaded, or already gone
+            pass
         flows = self.live.finish()
         self._nft.close()
         return flows
+
+
+def _described(slot) -> dict:
+    return slot if isinstance(slot, dict) else slot.describe()
 
 
 def _answers(path: Path) -> bool:

@@ -62,6 +62,12 @@ def _base(group: int, packets: int) -> list[str]:
     return lines
 
 
+def base(group: int, packets: int) -> str:
+    """The table and its base chains, with the untagged recording: loaded when the agent
+    starts, before any task."""
+    return "\n".join(_base(group, packets)) + "\n"
+
+
 def _chains(task_prefix: str) -> tuple[str, str]:
     return f"{task_prefix}_rec", f"{task_prefix}_dns"
 

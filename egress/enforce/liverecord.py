@@ -48,6 +48,9 @@ class LiveRecorder:
         self.opts, self.net, self.recorder = opts, net, recorder
         self.task_init, self.on_record = task_init, on_record
         self.purposes, self.label_prefix = purposes, label_prefix
+        self.unclaimed: Callable[[], str] = lambda: ""
+        """The task a flow no task's socket claims goes to ("" untagged): the agent's single
+        task attributed by time window, while it runs."""
         self.nets = [ipaddress.ip_network(net.net4), ipaddress.ip_network(net.net6)]
         self.own_resolvers = {a for a in (net.host4, net.host6) if a}
         self.items: queue.Queue = queue.Queue()
@@ -91,7 +94,7 @@ class LiveRecorder:
                 if self.label_prefix is not None:
                     label = packet.prefix[len(self.label_prefix):] \
                         if packet.prefix.startswith(self.label_prefix) else ""
-                    item += (label,)
+                    item += (label or self.unclaimed(),)
                 self.items.put(item)
             if not got and self._stop.is_set():
                 return

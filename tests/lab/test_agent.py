@@ -96,3 +96,34 @@ def test_the_systemd_unit_verifies(tmp_path):
     done = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_task_by_time_window_takes_the_unclaimed_flows_while_it_runs(lab):
+    lab.start_dns({"pypi.lab": "203.0.113.10"})
+    lab.start_https("pypi.lab", "203.0.113.10")
+    lab.start_https("other.lab", "203.0.113.20")
+    sock, db = lab.dir / "agent.sock", lab.dir / "egress.db"
+    agent = lab.spawn("host", EGRESS, "agent", "--socket", sock, "--db", db, log="agent.log")
+    lab.wait_log("agent.log", "listening on")
+    purpose = lab.dir / "window.toml"
+    purpose.write_text(PURPOSE.format(purpose="by window", task="w1", mode="enforce",
+                                      host="pypi.lab"))
+    started = lab.host(EGRESS, "task", "start", "w1", "--purpose", purpose, "--socket", sock)
+    assert "task w1 started: time window, audit" in started.stdout
+    again = lab.host(EGRESS, "task", "start", "w2", "--purpose", purpose, "--socket", sock,
+                     check=False)
+    assert again.returncode == 1 and "already attributed by time window" in again.stderr
+    assert curl(lab, STRANGER, "https://203.0.113.20/") == "200"    # recorded, not enforced
+    assert curl(lab, 0, "https://203.0.113.20/") == "200"           # root: never the task's
+    lab.host(EGRESS, "task", "stop", "w1", "--socket", sock)
+    assert curl(lab, STRANGER, "https://203.0.113.10/") == "200"    # after it: untagged
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=60) == 0
+    audit = subprocess.run([EGRESS, "audit", "--json", "--db", str(db)], capture_output=True,
+                           text=True)
+    flows = [json.loads(line) for line in audit.stdout.splitlines()]
+    flows = [(f["task"], f["dst"], f["verdict"]) for f in flows
+             if f.get("kind") == "flow" and f["dport"] == 443]
+    assert ("w1", "203.0.113.20", "flag") in flows
+    assert (None, "203.0.113.10", "flag") in flows
+    assert len(flows) == 2                       # root's flow is not recorded at all
