@@ -119,6 +119,10 @@ class Lab:
         self._made.append(("dir", path))
         return path
 
+    def cleanup_later_cgroup(self, path: Path) -> None:
+        """Remove a cgroup made for a test when the lab closes (its processes gone first)."""
+        self._made.append(("cgroup", Path(path)))
+
     def cleanup_later(self, path: Path) -> None:
         """Remove a file made outside the lab's folder when the lab closes."""
         self._made.append(("file", Path(path)))
@@ -348,6 +352,12 @@ ClientAliveInterval 5
                 self._sh("ip", "netns", "del", what, check=False)
             elif kind == "dir":
                 shutil.rmtree(what, ignore_errors=True)
+            elif kind == "cgroup":
+                with contextlib.suppress(OSError):
+                    for pid in (what / "cgroup.procs").read_text().split():
+                        os.kill(int(pid), signal.SIGKILL)
+                    time.sleep(0.1)
+                    what.rmdir()
             elif kind == "file":
                 with contextlib.suppress(FileNotFoundError):
                     what.unlink()

@@ -127,3 +127,61 @@ def test_a_task_by_time_window_takes_the_unclaimed_flows_while_it_runs(lab):
     assert ("w1", "203.0.113.20", "flag") in flows
     assert (None, "203.0.113.10", "flag") in flows
     assert len(flows) == 2                       # root's flow is not recorded at all
+
+
+def test_two_tasks_told_apart_by_their_cgroups(lab):
+    """Tasks by cgroup v2. The agent and the tasks' processes enter the lab's host by
+    `nsenter --net` (keeping this mount namespace, where /sys/fs/cgroup is; `ip netns exec`
+    hides it, KERNEL.md). The upstream resolver is the lab's, named in a config file: the
+    agent must not read this machine's own resolv.conf."""
+    from egress.enforce.ruleset import cgroup2_mount
+    mount = cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 mount")
+    lab.start_dns({"pypi.lab": "203.0.113.10", "other.lab": "203.0.113.20"})
+    lab.start_https("pypi.lab", "203.0.113.10")
+    lab.start_https("other.lab", "203.0.113.20")
+    shared = lab.shared_dir()
+    (shared / "egress.toml").write_text('[resolver]\nupstream = ["10.99.0.1"]\n')
+    groups = {}
+    for task, host in (("c1", "pypi.lab"), ("c2", "other.lab")):
+        name = f"egress-lab-{lab.id}-{task}"
+        path = Path(mount) / name
+        path.mkdir()
+        lab.cleanup_later_cgroup(path)
+        groups[task] = (name, path)
+        (lab.dir / f"{task}.toml").write_text(PURPOSE.format(
+            purpose=f"task {task}", task=task, mode="enforce", host=host))
+    enter = ["nsenter", f"--net=/run/netns/{lab.host_ns}"]
+    sock, db = lab.dir / "agent.sock", lab.dir / "egress.db"
+    log = open(lab.dir / "agent.log", "wb")
+    agent = subprocess.Popen([*enter, EGRESS, "--config", shared / "egress.toml", "agent",
+                              "--socket", sock, "--db", db], stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    lab.procs.append(agent)
+    lab.wait_log("agent.log", "listening on")
+    for task, (name, _) in groups.items():
+        subprocess.run([*enter, EGRESS, "task", "start", task, "--purpose",
+                        lab.dir / f"{task}.toml", "--cgroup", name, "--socket", sock],
+                       check=True, capture_output=True)
+
+    def curl_in(task, url):
+        procs = groups[task][1] / "cgroup.procs"
+        return subprocess.run(
+            [*enter, "sh", "-c", f"echo $$ > {procs}; exec setpriv --reuid {STRANGER} "
+             f"--regid {STRANGER} --clear-groups curl -sk --max-time 3 -o /dev/null "
+             f"-w '%{{http_code}}' {url}"], capture_output=True, text=True).stdout
+
+    assert curl_in("c1", "https://pypi.lab/") == "200"
+    assert curl_in("c1", "https://other.lab/") == "000"        # a name c1 may not resolve
+    assert curl_in("c2", "https://other.lab/") == "200"
+    assert curl_in("c2", "https://203.0.113.10/") == "000"
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=60) == 0
+    audit = subprocess.run([EGRESS, "audit", "--json", "--db", str(db)], capture_output=True,
+                           text=True)
+    records = [json.loads(line) for line in audit.stdout.splitlines()]
+    flows = {(f["task"], f["dst"], f["verdict"]) for f in records
+             if f.get("kind") == "flow" and f["dport"] == 443}
+    assert flows == {("c1", "203.0.113.10", "allow"), ("c2", "203.0.113.20", "allow"),
+                     ("c2", "203.0.113.10", "block")}
