@@ -236,7 +236,72 @@ class NflogDecoder:
         return out
 
 
-class NflogReader:
+class BoundReader:
+    """A netfilter netlink socket bound to one NFLOG group or NFQUEUE queue, read through a
+    decoder: the bind (sent with an ACK request, answered before anything else is trusted)
+    and the reads the two readers share. ``what`` names it in errors ("NFLOG group 7")."""
+
+    def __init__(self, decoder, rcvbuf: int, what: str):
+        self.what = what
+        self.overruns = 0
+        self.decoder = decoder
+        self._out: list = []
+        self._buf = bytearray(RECV_SIZE)
+        self.sock, self.rcvbuf = open_socket(rcvbuf)
+
+    def _bind(self, message: bytes, seq: int) -> None:
+        """Send the config and wait for the kernel's answer; packets that arrive meanwhile
+        are kept for the next ``read``. The socket is closed when the bind fails."""
+        try:
+            self.sock.send(message)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
+                data = self.sock.recv(RECV_SIZE)
+                for mtype, _flags, mseq, start, end in messages(data)[0]:
+                    if mtype == NLMSG_ERROR and mseq == seq:
+                        err = netlink_error(data, start, end)
+                        if err:
+                            hint = " (another reader has it)" if err == errno.EBUSY else ""
+                            raise OSError(err, f"{self.what}: {os.strerror(err)}{hint}")
+                        self.sock.settimeout(None)
+                        return
+                self._handle(data)
+            raise TimeoutError(f"{self.what}: no answer to the bind")
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _handle(self, data: bytes) -> None:
+        self._out.extend(self.decoder.feed(data))
+
+    received = property(lambda self: self.decoder.received)
+    malformed = property(lambda self: self.decoder.malformed)
+
+    def read(self, timeout: float | None = 1.0, max_datagrams: int = 256) -> list:
+        """What arrived: waits up to ``timeout`` seconds for the first, then takes what is
+        queued without waiting. Never raises for a malformed message."""
+        self.overruns += receive(self.sock, self._buf, 0 if self._out else timeout,
+                                 self._handle, max_datagrams)
+        out, self._out = self._out, []
+        return out
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        """Closing the socket destroys the kernel instance (the group or queue is free
+        again; a queue's held packets are dropped)."""
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class NflogReader(BoundReader):
     """Reads one NFLOG group in the network namespace of the calling thread.
 
     Counts as ``NflogDecoder`` does, plus ``overruns``: ENOBUFS from our receive buffer,
@@ -246,73 +311,20 @@ class NflogReader:
 
     def __init__(self, group: int, *, snaplen: int = 256, rcvbuf: int = 8 << 20,
                  qthresh: int = 16, flush_cs: int = 1):
+        super().__init__(NflogDecoder(), rcvbuf, f"NFLOG group {group}")
         self.group = group
-        self.overruns = 0
-        self.decoder = NflogDecoder()
-        self._out: list[LoggedPacket] = []
-        self._buf = bytearray(RECV_SIZE)
-        self.sock, self.rcvbuf = open_socket(rcvbuf)
         config = (nla(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))
                   + nla(NFULA_CFG_MODE, struct.pack(">IBB", snaplen, NFULNL_COPY_PACKET, 0))
                   + nla(NFULA_CFG_FLAGS, _U16.pack(NFULNL_CFG_F_SEQ | NFULNL_CFG_F_SEQ_GLOBAL))
                   + nla(NFULA_CFG_QTHRESH, _U32.pack(qthresh))
                   + nla(NFULA_CFG_TIMEOUT, _U32.pack(flush_cs)))
-        try:
-            self._configure(config)
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def _configure(self, config: bytes) -> None:
-        """Send the config with an ACK request and wait for the kernel's answer; packets that
-        arrive meanwhile are kept for the next ``read``."""
         seq = int.from_bytes(os.urandom(4), "little") or 1
-        self.sock.send(nfmsg(NFNL_SUBSYS_ULOG, NFULNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK,
-                             config, res_id=self.group, seq=seq))
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
-            data = self.sock.recv(RECV_SIZE)
-            for mtype, _flags, mseq, start, end in messages(data)[0]:
-                if mtype == NLMSG_ERROR and mseq == seq:
-                    err = netlink_error(data, start, end)
-                    if err:
-                        hint = " (another reader has this group)" if err == errno.EBUSY else ""
-                        raise OSError(err, f"NFLOG group {self.group}: "
-                                           f"{os.strerror(err)}{hint}")
-                    self.sock.settimeout(None)
-                    return
-            self._handle(data)
-        raise TimeoutError(f"NFLOG group {self.group}: no answer to the bind")
+        self._bind(nfmsg(NFNL_SUBSYS_ULOG, NFULNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK,
+                         config, res_id=group, seq=seq), seq)
 
-    def _handle(self, data: bytes) -> None:
-        self._out.extend(self.decoder.feed(data))
-
-    received = property(lambda self: self.decoder.received)
     lost = property(lambda self: self.decoder.lost)
-    malformed = property(lambda self: self.decoder.malformed)
-
-    def read(self, timeout: float | None = 1.0, max_datagrams: int = 256) -> list[LoggedPacket]:
-        """Packets logged so far: waits up to ``timeout`` seconds for the first, then takes
-        what is queued without waiting. Never raises for a malformed message."""
-        self.overruns += receive(self.sock, self._buf, 0 if self._out else timeout,
-                                 self._handle, max_datagrams)
-        out, self._out = self._out, []
-        return out
 
     def stats(self) -> dict[str, int]:
         return {"received": self.received, "lost": self.lost, "overruns": self.overruns,
                 "malformed": self.malformed}
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        """Closing the socket destroys the kernel instance (the group is free again)."""
-        self.sock.close()
-
-    def __enter__(self) -> "NflogReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

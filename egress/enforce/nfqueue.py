@@ -33,15 +33,14 @@ Constants are named as in linux/netfilter/nfnetlink_queue.h (nfnetlink.h, netfil
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import struct
 import time
 from dataclasses import dataclass
 
-from egress.enforce.nflog import (NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, RECV_SIZE, attrs,
-                                  messages, netlink_error, nfmsg, nla, open_socket, receive)
+from egress.enforce.nflog import (NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, BoundReader, attrs,
+                                  messages, netlink_error, nfmsg, nla)
 
 # linux/netfilter/nfnetlink.h
 NFNL_SUBSYS_QUEUE = 3
@@ -187,7 +186,7 @@ def config_message(queue: int, *, copy_range: int, maxlen: int, fail_open: bool,
                  res_id=queue, seq=seq)
 
 
-class NfQueue:
+class NfQueue(BoundReader):
     """Binds NFQUEUE ``num`` in the network namespace of the calling thread.
 
     ``copy_range`` bytes of each packet are copied (the kernel's maximum is 65531);
@@ -200,51 +199,14 @@ class NfQueue:
 
     def __init__(self, num: int, *, copy_range: int = 0xFFFF, maxlen: int = 4096,
                  rcvbuf: int = 16 << 20, fail_open: bool = False, uid_gid: bool = True):
+        super().__init__(NfqDecoder(), rcvbuf, f"NFQUEUE {num}")
         self.num = num
-        self.verdicts = self.overruns = 0
-        self.decoder = NfqDecoder()
-        self._out: list[QueuedPacket] = []
-        self._buf = bytearray(RECV_SIZE)
-        self.sock, self.rcvbuf = open_socket(rcvbuf)
+        self.verdicts = 0
         seq = int.from_bytes(os.urandom(4), "little") or 1
-        try:
-            self._bind(config_message(num, copy_range=copy_range, maxlen=maxlen,
-                                      fail_open=fail_open, uid_gid=uid_gid, seq=seq), seq)
-        except BaseException:
-            self.sock.close()
-            raise
+        self._bind(config_message(num, copy_range=copy_range, maxlen=maxlen,
+                                  fail_open=fail_open, uid_gid=uid_gid, seq=seq), seq)
 
-    def _bind(self, config: bytes, seq: int) -> None:
-        self.sock.send(config)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
-            data = self.sock.recv(RECV_SIZE)
-            for mtype, _flags, mseq, start, end in messages(data)[0]:
-                if mtype == NLMSG_ERROR and mseq == seq:
-                    err = netlink_error(data, start, end)
-                    if err:
-                        hint = " (another reader has this queue)" if err == errno.EBUSY else ""
-                        raise OSError(err, f"NFQUEUE {self.num}: {os.strerror(err)}{hint}")
-                    self.sock.settimeout(None)
-                    return
-            self._handle(data)
-        raise TimeoutError(f"NFQUEUE {self.num}: no answer to the bind")
-
-    def _handle(self, data: bytes) -> None:
-        self._out.extend(self.decoder.feed(data))
-
-    received = property(lambda self: self.decoder.received)
-    malformed = property(lambda self: self.decoder.malformed)
     errors = property(lambda self: self.decoder.errors)
-
-    def read(self, timeout: float | None = 1.0, max_datagrams: int = 256) -> list[QueuedPacket]:
-        """Packets held for us: waits up to ``timeout`` seconds for the first, then takes
-        what is queued without waiting. Never raises for a malformed message."""
-        self.overruns += receive(self.sock, self._buf, 0 if self._out else timeout,
-                                 self._handle, max_datagrams)
-        out, self._out = self._out, []
-        return out
 
     def verdict(self, packet_id: int, accept: bool, mark: int | None = None) -> None:
         """Release (NF_ACCEPT) or drop (NF_DROP) one packet; ``mark`` replaces its mark."""
@@ -275,17 +237,3 @@ class NfQueue:
     def stats(self) -> dict[str, int]:
         return {"received": self.received, "verdicts": self.verdicts,
                 "malformed": self.malformed, "errors": self.errors, "overruns": self.overruns}
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        """Closing the socket destroys the instance: the kernel drops every packet still held
-        and, with no reader, every packet sent to the queue from then on."""
-        self.sock.close()
-
-    def __enter__(self) -> "NfQueue":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
