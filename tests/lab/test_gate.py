@@ -106,30 +106,34 @@ def test_daemons_end_with_the_command(lab):
     assert left.stdout == "", left.stdout
 
 
-def test_a_reverse_tunnel_found_while_open_is_cut(lab):
-    """-R hidden in a config file (the command line says nothing): the tunnel is found from
-    its traffic while it runs, its conntrack entry marked blocked and its socket destroyed."""
+def tunnel_until_cut(lab, log: str, first_packets: int | None = None) -> tuple[int, str]:
+    """`ssh -N` to the relay with -R hidden in a config file (the command line says
+    nothing), run by egress run in enforce mode; someone at the relay uses the forwarded
+    port until it stops answering. How many requests it served, and egress run's output."""
     lab.start_dns({"relay.lab": "198.51.100.7"})
     key = lab.start_sshd("198.51.100.7", 22)
     shared = lab.shared_dir()
     (shared / "key").write_bytes(key.read_bytes())
     (shared / "config").write_text(
-        "Host relay.lab\n  User root\n  IdentityFile " + str(shared / "key") + "\n"
-        "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  BatchMode yes\n"
+        "Host relay.lab\n  User root\n  StrictHostKeyChecking no\n"
+        "  UserKnownHostsFile /dev/null\n  BatchMode yes\n"
         "  RemoteForward 9000 127.0.0.1:8080\n")
-    os.chmod(shared, 0o755)
-    os.chmod(shared / "config", 0o644)
-    os.chmod(shared / "key", 0o644)           # ssh refuses a key others can read: as root only
+    options = []
+    if first_packets is not None:
+        (shared / "egress.toml").write_text(f"[netfilter]\nfirst_packets = {first_packets}\n")
+        options = ["--config", shared / "egress.toml"]
+    for path, mode in ((shared, 0o755), (shared / "config", 0o644), (shared / "key", 0o644)):
+        os.chmod(path, mode)                 # ssh refuses a key others can read: copied
     purpose = lab.dir / "ssh.toml"
     purpose.write_text('version = 1\npurpose = "Deploy to the relay"\ntask = "lab-gate"\n'
                        '[[allow]]\nhost = "relay.lab"\nports = [22]\nprotocol = "ssh"\n')
     script = ("python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 & "
               f"cp {shared}/key /tmp/k.$$; chmod 600 /tmp/k.$$; "
-              f"sed 's|IdentityFile .*|IdentityFile /tmp/k.'$$'|' {shared}/config > /tmp/c.$$; "
-              "ssh -F /tmp/c.$$ -N relay.lab; echo ssh ended $?; rm -f /tmp/k.$$ /tmp/c.$$")
-    run = lab.spawn("host", EGRESS, "run", "--task", "lab-gate", "--purpose", purpose,
-                    "--mode", "enforce", "--db", lab.dir / "egress.db", "--", "sh", "-c",
-                    script, log="late.log")
+              f"ssh -F {shared}/config -i /tmp/k.$$ -N relay.lab; echo ssh ended $?; "
+              "rm -f /tmp/k.$$")
+    run = lab.spawn("host", EGRESS, *options, "run", "--task", "lab-gate", "--purpose",
+                    purpose, "--mode", "enforce", "--db", lab.dir / "egress.db", "--", "sh",
+                    "-c", script, log=log)
     lab.wait_port("127.0.0.1", 9000, timeout=20)
     served = 0
     for _ in range(12):
@@ -140,7 +144,13 @@ def test_a_reverse_tunnel_found_while_open_is_cut(lab):
         served += 1
         time.sleep(0.4)
     assert run.wait(timeout=30) == 0
-    log = (lab.dir / "late.log").read_text()
+    return served, (lab.dir / log).read_text()
+
+
+def test_a_reverse_tunnel_found_while_open_is_cut(lab):
+    """The tunnel is found from its traffic while it runs, its conntrack entry marked
+    blocked and its socket destroyed."""
+    served, log = tunnel_until_cut(lab, "late.log")
     assert 3 <= served < 12, log
     assert "ssh ended" in log and "cut 198.51.100.7:22 while open" in log, log
     ssh = [r for r in stored(lab) if r.get("kind") == "flow" and r["dport"] == 22]
@@ -152,38 +162,7 @@ def test_a_tunnel_used_only_after_the_first_packets_is_found_from_the_headers_fe
     """Only the first 16 packets of each flow and direction are logged whole (a config
     key): key exchange and authentication use them up, so the forwarded requests are seen
     only through the headers-only feed that follows watched (SSH) flows."""
-    lab.start_dns({"relay.lab": "198.51.100.7"})
-    key = lab.start_sshd("198.51.100.7", 22)
-    shared = lab.shared_dir()
-    (shared / "key").write_bytes(key.read_bytes())
-    (shared / "config").write_text(
-        "Host relay.lab\n  User root\n  StrictHostKeyChecking no\n"
-        "  UserKnownHostsFile /dev/null\n  BatchMode yes\n"
-        "  RemoteForward 9000 127.0.0.1:8080\n")
-    (shared / "egress.toml").write_text("[netfilter]\nfirst_packets = 16\n")
-    for path, mode in ((shared, 0o755), (shared / "config", 0o644), (shared / "key", 0o644)):
-        os.chmod(path, mode)
-    purpose = lab.dir / "ssh.toml"
-    purpose.write_text('version = 1\npurpose = "Deploy to the relay"\ntask = "lab-gate"\n'
-                       '[[allow]]\nhost = "relay.lab"\nports = [22]\nprotocol = "ssh"\n')
-    script = ("python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 & "
-              f"cp {shared}/key /tmp/k.$$; chmod 600 /tmp/k.$$; "
-              f"ssh -F {shared}/config -i /tmp/k.$$ -N relay.lab; echo ssh ended $?; "
-              "rm -f /tmp/k.$$")
-    run = lab.spawn("host", EGRESS, "--config", shared / "egress.toml", "run", "--task",
-                    "lab-gate", "--purpose", purpose, "--mode", "enforce", "--db",
-                    lab.dir / "egress.db", "--", "sh", "-c", script, log="watch.log")
-    lab.wait_port("127.0.0.1", 9000, timeout=20)
-    served = 0
-    for _ in range(12):
-        got = lab.net("curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}",
-                      "http://127.0.0.1:9000/", check=False)
-        if got.stdout != "200":
-            break
-        served += 1
-        time.sleep(0.4)
-    assert run.wait(timeout=30) == 0
-    log = (lab.dir / "watch.log").read_text()
+    served, log = tunnel_until_cut(lab, "watch.log", first_packets=16)
     assert 3 <= served < 12 and "cut 198.51.100.7:22 while open" in log, log
     (ssh,) = [r for r in stored(lab) if r.get("kind") == "flow" and r["dport"] == 22]
     assert ssh["observed"] == "first-packets+watch"
