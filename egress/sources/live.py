@@ -52,7 +52,9 @@ class LiveSource(CaptureSource):
         self.items = items
         self.owners = owners
         self._watched: dict = {}            # flow -> watch entries at its last judgment
-        self._labels: dict = {}             # flow -> its task, on a shared host (the agent)
+        self._labels: dict = {}
+        """flow -> its task on a shared host: the NFLOG prefix of its first logged packet
+        (the agent logs each task's sockets under its own; "" is untagged)."""
         self._last_ts = 0
 
     def _observed(self, flow) -> str:
@@ -81,14 +83,15 @@ class LiveSource(CaptureSource):
                 if headers_only:
                     self._headers(ts, payload)
                     yield LINKTYPE_RAW, 0, b"", 0, 0, 0
-                    self._watch(payload)
-                    continue
-                if self.owners is not None:
-                    self.owners.first_packet(payload)
-                yield LINKTYPE_RAW, ts, payload, 0, len(payload), len(payload)
-                if label:
-                    self._label(payload, label[0])
-                self._watch(payload)
+                else:
+                    if self.owners is not None:
+                        self.owners.first_packet(payload)
+                    yield LINKTYPE_RAW, ts, payload, 0, len(payload), len(payload)
+                flow = self._flow_of(payload)         # the flow the packet went to, once
+                if flow is not None:
+                    if label and flow not in self._labels:
+                        self._labels[flow] = label[0] or None
+                    self._watch(flow)
                 continue
             if item[0] == "binding":
                 self._out.append(item[1])
@@ -124,17 +127,10 @@ class LiveSource(CaptureSource):
             return None
         return flow
 
-    def _label(self, payload: bytes, label: str) -> None:
-        """The task a shared host's flow belongs to, from its first logged packet's NFLOG
-        prefix (the agent logs each task's sockets under its own); "" is untagged."""
-        key = _tuple(payload)
-        if key is None:
-            return
-        proto, src, sport, dst, dport, _ = key
-        flow = self._table.find(proto, ipaddress.ip_address(src).packed,
-                                ipaddress.ip_address(dst).packed, sport, dport)
-        if flow is not None and flow not in self._labels:
-            self._labels[flow] = label or None
+    def _flow_of(self, payload: bytes):
+        """The open flow a logged packet belongs to (either direction), or None."""
+        key = _packed_tuple(payload)
+        return self._table.find(*key[:5]) if key is not None else None
 
     def _record(self, flow):
         record = super()._record(flow)
@@ -154,14 +150,10 @@ class LiveSource(CaptureSource):
         iplen, poff = d[8], d[10]
         self._table.packet(ts, *d[:-1], max(0, iplen - poff))
 
-    def _watch(self, payload: bytes) -> None:
-        key = _tuple(payload)
-        if key is None:
-            return
-        proto, src, sport, dst, dport, _ = key
-        flow = self._table.find(proto, ipaddress.ip_address(src).packed,
-                                ipaddress.ip_address(dst).packed, sport, dport)
-        if flow is None or flow.watch is None or flow.ident is None or flow.ident.app != "ssh":
+    def _watch(self, flow) -> None:
+        """A watched (SSH) flow is judged again, as an interim record, every few entries of
+        its watch feed: a tunnel is found while open."""
+        if flow.watch is None or flow.ident is None or flow.ident.app != "ssh":
             return
         if len(flow.watch) - self._watched.get(flow, 0) >= WATCH_EVERY:
             self._watched[flow] = len(flow.watch)
@@ -227,20 +219,28 @@ class Owners:
         self.diag.close()
 
 
-def _tuple(p: bytes):
-    """(proto, src, sport, dst, dport, is a bare SYN) of a TCP or UDP packet, or None."""
+def _packed_tuple(p: bytes):
+    """(proto, src, dst, sport, dport, is a bare SYN) of a TCP or UDP packet, addresses as
+    bytes (the flow table's own form), or None."""
     if len(p) < 20:
         return None
     if p[0] >> 4 == 4:
-        ihl, proto = (p[0] & 15) * 4, p[9]
-        src, dst = ipaddress.ip_address(p[12:16]), ipaddress.ip_address(p[16:20])
+        ihl, proto, src, dst = (p[0] & 15) * 4, p[9], p[12:16], p[16:20]
     elif p[0] >> 4 == 6 and len(p) >= 40:
-        ihl, proto = 40, p[6]
-        src, dst = ipaddress.ip_address(p[8:24]), ipaddress.ip_address(p[24:40])
+        ihl, proto, src, dst = 40, p[6], p[8:24], p[24:40]
     else:
         return None
     if proto not in (6, 17) or len(p) < ihl + 14:
         return None
     sport, dport = int.from_bytes(p[ihl:ihl + 2], "big"), int.from_bytes(p[ihl + 2:ihl + 4], "big")
-    syn = proto == 6 and p[ihl + 13] & 0x12 == 0x02
-    return proto, str(src), sport, str(dst), dport, syn
+    return proto, src, dst, sport, dport, proto == 6 and p[ihl + 13] & 0x12 == 0x02
+
+
+def _tuple(p: bytes):
+    """(proto, src, sport, dst, dport, is a bare SYN), addresses as text, or None."""
+    key = _packed_tuple(p)
+    if key is None:
+        return None
+    proto, src, dst, sport, dport, syn = key
+    return (proto, str(ipaddress.ip_address(src)), sport, str(ipaddress.ip_address(dst)),
+            dport, syn)
