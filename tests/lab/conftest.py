@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab.lab import Lab, missing_tools
+from tests.lab.pair import skip_or_fail
 
 CAPTURES = Path(__file__).parent / "captures"
 """Captures of each scenario, recorded by the lab; re-record with EGRESS_LAB_RECORD=1."""
@@ -23,17 +24,11 @@ def _lab_problem() -> str | None:
     return None
 
 
-def _skip_or_fail(problem: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(problem)
-    pytest.skip(problem)
-
-
 @pytest.fixture
 def lab(tmp_path):
     problem = _lab_problem()
     if problem:
-        _skip_or_fail(problem)
+        skip_or_fail(problem)
     with Lab(tmp_path) as built:
         yield built
 
@@ -49,7 +44,7 @@ def recorded(request, tmp_path):
             return committed
         problem = _lab_problem()
         if problem:
-            _skip_or_fail(problem)
+            skip_or_fail(problem)
         with Lab(tmp_path) as built:
             capture = scenario(built)
         if os.environ.get("EGRESS_LAB_RECORD") == "1":

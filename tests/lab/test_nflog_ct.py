@@ -9,17 +9,16 @@ started and stopped here, by PID. Root is needed; under CI=true its absence fail
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.lab.pair import NamespacePair, skip_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
 A_ADDR, B_ADDR = "198.51.100.2", "198.51.100.1"
@@ -84,43 +83,13 @@ def ev_json(e):
 """
 
 
-def _skip_or_fail(problem: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(problem)
-    pytest.skip(problem)
-
-
-class ClosedLab:
+class ClosedLab(NamespacePair):
     """Namespaces A and B, one veth between them, nothing else."""
 
+    tag, prelude = "egN", PRELUDE
+
     def __init__(self, workdir: Path):
-        tag = f"{os.getpid() % 10000}{secrets.token_hex(2)}"
-        self.a, self.b = f"egN{tag}a", f"egN{tag}b"
-        self.dir = workdir
-        self.procs: list[subprocess.Popen] = []
-
-    def sh(self, *cmd: str, timeout: float = 60) -> str:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(cmd)}: {done.stderr.strip()}")
-        return done.stdout
-
-    def build(self) -> None:
-        for ns in (self.a, self.b):
-            self.sh("ip", "netns", "add", ns)
-            self.sh("ip", "-n", ns, "link", "set", "lo", "up")
-            # no duplicate address detection on the new veth (its link-local address too):
-            # a tentative address delays the first IPv6 packet by a second
-            self.sh("ip", "netns", "exec", ns, "sysctl", "-qw",
-                    "net.ipv6.conf.default.accept_dad=0")
-        self.sh("ip", "-n", self.a, "link", "add", "vA", "type", "veth", "peer", "name", "vB",
-                "netns", self.b)
-        for ns, dev, v4, v6 in ((self.a, "vA", A_ADDR, A_ADDR6), (self.b, "vB", B_ADDR, B_ADDR6)):
-            self.sh("ip", "-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
-            self.sh("ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
-            self.sh("ip", "-n", ns, "link", "set", dev, "up")
-        for address in (B_ADDR, B_ADDR6):  # neighbours resolved before any timed flow
-            self.sh("ip", "netns", "exec", self.a, "ping", "-c1", "-W5", address)
+        super().__init__(workdir, A_ADDR, B_ADDR, A_ADDR6, B_ADDR6)
 
     def serve(self, mode: str, port: int, reply: int = 0) -> None:
         """A server in B (TCP: reads to EOF, answers ``reply`` bytes; UDP: echoes)."""
@@ -132,30 +101,14 @@ class ClosedLab:
         self.procs.append(proc)
         assert proc.stdout.readline().strip() == "ready"
 
-    def in_a(self, *parts: str, timeout: float = 90) -> dict:
-        """Run PRELUDE and the parts inside A; the last line they print is JSON."""
-        script = self.dir / f"in_a_{secrets.token_hex(3)}.py"
-        script.write_text("\n".join(map(textwrap.dedent, (PRELUDE, *parts))))
-        out = self.sh("ip", "netns", "exec", self.a, sys.executable, str(script),
-                      timeout=timeout)
-        return json.loads(out.strip().splitlines()[-1])
-
-    def close(self) -> None:
-        for proc in self.procs:         # only the servers this lab started, by PID
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-        for ns in (self.a, self.b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
 
 @pytest.fixture
 def closed_lab(tmp_path):
     if os.geteuid() != 0:
-        _skip_or_fail("the NFLOG/conntrack lab needs root (network namespaces)")
+        skip_or_fail("the NFLOG/conntrack lab needs root (network namespaces)")
     missing = [t for t in ("ip", "nft", "conntrack") if shutil.which(t) is None]
     if missing:
-        _skip_or_fail(f"the NFLOG/conntrack lab needs {', '.join(missing)}")
+        skip_or_fail(f"the NFLOG/conntrack lab needs {', '.join(missing)}")
     lab = ClosedLab(tmp_path)
     try:
         lab.build()

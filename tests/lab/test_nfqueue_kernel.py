@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.lab.pair import NamespacePair, skip_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(REPO / ".venv" / "bin" / "python") \
@@ -175,44 +175,18 @@ def exchange(dst, data, timeout=5.0):
 """
 
 
-def _skip_or_fail(problem: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(problem)
-    pytest.skip(problem)
-
-
-class NfqLab:
+class NfqLab(NamespacePair):
     """Namespaces A and B with one veth between them, the gate loaded in A, a server in B.
     Used by bench/nfqueue_latency.py too."""
 
-    def __init__(self, workdir: Path):
-        tag = f"{os.getpid() % 10000}{secrets.token_hex(2)}"
-        self.a, self.b = f"egQ{tag}a", f"egQ{tag}b"
-        self.dir = Path(workdir)
-        self.log = self.dir / "server.log"
-        self.procs: list[subprocess.Popen] = []
+    tag, prelude, python = "egQ", PRELUDE, PYTHON
 
-    def sh(self, *cmd: str, input: str | None = None, timeout: float = 60) -> str:
-        done = subprocess.run(cmd, input=input, capture_output=True, text=True,
-                              timeout=timeout)
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(cmd)}: {done.stderr.strip()}")
-        return done.stdout
+    def __init__(self, workdir: Path):
+        super().__init__(workdir, A_ADDR, B_ADDR, A_ADDR6, B_ADDR6)
+        self.log = self.dir / "server.log"
 
     def build(self) -> None:
-        for ns in (self.a, self.b):
-            self.sh("ip", "netns", "add", ns)
-            self.sh("ip", "-n", ns, "link", "set", "lo", "up")
-            self.sh("ip", "netns", "exec", ns, "sysctl", "-qw",
-                    "net.ipv6.conf.default.accept_dad=0")
-        self.sh("ip", "-n", self.a, "link", "add", "vA", "type", "veth", "peer", "name", "vB",
-                "netns", self.b)
-        for ns, dev, v4, v6 in ((self.a, "vA", A_ADDR, A_ADDR6), (self.b, "vB", B_ADDR, B_ADDR6)):
-            self.sh("ip", "-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
-            self.sh("ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
-            self.sh("ip", "-n", ns, "link", "set", dev, "up")
-        for address in (B_ADDR, B_ADDR6):   # neighbours resolved before the gate is loaded
-            self.sh("ip", "netns", "exec", self.a, "ping", "-c1", "-W5", address)
+        super().build()
         for tool in ("iptables-nft-restore", "ip6tables-nft-restore"):
             self.sh("ip", "netns", "exec", self.a, tool, "--noflush", input=GATE_IPTABLES)
         self.sh("ip", "netns", "exec", self.a, "nft", "-f", "-", input=POST_GATE_NFT)
@@ -226,11 +200,7 @@ class NfqLab:
             raise RuntimeError("the server in B did not start")
 
     def in_a(self, *parts: str, timeout: float = 120) -> dict:
-        """Run PRELUDE and the parts inside A; the last line they print is JSON."""
-        script = self.dir / f"in_a_{secrets.token_hex(3)}.py"
-        script.write_text("\n".join(map(textwrap.dedent, (PRELUDE, *parts))))
-        out = self.sh("ip", "netns", "exec", self.a, PYTHON, str(script), timeout=timeout)
-        return json.loads(out.strip().splitlines()[-1])
+        return super().in_a(*parts, timeout=timeout)
 
     def server_log(self) -> list[dict]:
         if not self.log.exists():
@@ -256,14 +226,6 @@ class NfqLab:
                  for e in r["rule"]["expr"] if "counter" in e]
         return {"queued": queued, "dropped_block_mark": drops[0], "dropped_block_ct": drops[1]}
 
-    def close(self) -> None:
-        for proc in self.procs:         # only the processes this lab started, by PID
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-        for ns in (self.a, self.b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
 
 def lab_problem() -> str | None:
     if os.geteuid() != 0:
@@ -277,7 +239,7 @@ def lab_problem() -> str | None:
 def nfq_lab(tmp_path):
     problem = lab_problem()
     if problem:
-        _skip_or_fail(problem)
+        skip_or_fail(problem)
     lab = NfqLab(tmp_path)
     try:
         lab.build()
