@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from egress.enforce.nflog import (NETLINK_ADD_MEMBERSHIP, NETLINK_BROADCAST_ERROR,
-                                  NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE,
-                                  NLMSG_ERROR, NFNL_SUBSYS_CTNETLINK, RECV_SIZE, SOL_NETLINK,
-                                  attrs, messages, netlink_error, nfmsg, nla, open_socket,
-                                  receive)
+                                  NFNL_SUBSYS_CTNETLINK, NLM_F_CREATE, NLM_F_DUMP,
+                                  NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, RECV_SIZE,
+                                  SOL_NETLINK, BoundReader, attrs, messages, netlink_error,
+                                  nfmsg, nla, open_socket)
 
 # linux/netfilter/nfnetlink.h
 NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFNLGRP_CONNTRACK_DESTROY = 1, 2, 3
@@ -196,7 +196,7 @@ class CtDecoder:
         return out
 
 
-class ConntrackEvents:
+class ConntrackEvents(BoundReader):
     """Conntrack events of the network namespace of the calling thread.
 
     ``groups``: any of "new", "update", "destroy". Counters: ``received`` events, ``lost``
@@ -207,11 +207,7 @@ class ConntrackEvents:
 
     def __init__(self, groups=("new", "destroy"), *, rcvbuf: int = 32 << 20,
                  reliable: bool = True):
-        self.lost = 0
-        self.decoder = CtDecoder()
-        self._out: list[CtEvent] = []
-        self._buf = bytearray(RECV_SIZE)
-        self.sock, self.rcvbuf = open_socket(rcvbuf)
+        super().__init__(CtDecoder(), rcvbuf, "conntrack events")
         try:
             if reliable:
                 self.sock.setsockopt(SOL_NETLINK, NETLINK_BROADCAST_ERROR, 1)
@@ -221,33 +217,14 @@ class ConntrackEvents:
             self.sock.close()
             raise
 
-    def _handle(self, data: bytes) -> None:
-        self._out.extend(self.decoder.feed(data))
-
-    received = property(lambda self: self.decoder.received)
-    malformed = property(lambda self: self.decoder.malformed)
+    lost = property(lambda self: self.overruns)
+    """Overruns: the kernel does not say how many events each one dropped."""
 
     def read(self, timeout: float | None = 1.0, max_datagrams: int = 1024) -> list[CtEvent]:
-        """Events so far: waits up to ``timeout`` seconds for the first, then takes what is
-        queued without waiting. Never raises for a malformed message."""
-        self.lost += receive(self.sock, self._buf, timeout, self._handle, max_datagrams)
-        out, self._out = self._out, []
-        return out
+        return super().read(timeout, max_datagrams)
 
     def stats(self) -> dict[str, int]:
         return {"received": self.received, "lost": self.lost, "malformed": self.malformed}
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> "ConntrackEvents":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def dump_request(mark: int | None = None, mask: int | None = None, *,
