@@ -45,6 +45,8 @@ class GateSpec:
     netns_path: str | None = None
     """The task's network namespace: where refused sockets are looked up for their owner."""
     watch_mark: int = 0
+    host: bool = False
+    """The task's sockets are the host's own (the host agent): owners are looked up here."""
 
 
 def die_with_parent() -> None:
@@ -57,90 +59,148 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def _serve(spec: GateSpec, conn, events) -> None:
-    from egress.enforce.nfqueue import NfQueue
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)        # the auditor says when to stop
-    root = [None]                                       # the task's init, once it runs
-    diag = None
-    if spec.netns_path:
-        from egress.enforce.owners import SockDiag
-        diag = SockDiag(spec.netns_path)
+class _Served:
+    """One task's gate and its queue, in the gate process."""
 
-    def owner_of(proto, src, sport, dst, dport):
+    def __init__(self, spec: GateSpec, root: list):
+        from egress.enforce.nfqueue import NfQueue
+        self.spec, self.root = spec, root
+        self.diag = None
+        if spec.netns_path or spec.host:
+            from egress.enforce.owners import SockDiag
+            self.diag = SockDiag(spec.netns_path)
+        self.gate = Gate(spec.task, spec.purpose, spec.mode, allow_mark=spec.allow_mark,
+                         block_mark=spec.block_mark, own_resolvers=spec.own_resolvers,
+                         min_ttl=spec.min_ttl, caps=spec.caps, deny_mark=spec.deny_mark,
+                         mask=spec.mask, owner_of=self.owner_of, watch_mark=spec.watch_mark)
+        try:
+            self.queue = NfQueue(spec.queue, fail_open=spec.mode is not Mode.ENFORCE,
+                                 maxlen=QUEUE_MAXLEN)
+        except OSError:
+            self.close()
+            raise
+        self.latencies: list[int] = []
+        self.original: dict[int, int] = {}              # packet id -> its mark when queued
+
+    def fileno(self) -> int:
+        return self.queue.fileno()
+
+    def owner_of(self, proto, src, sport, dst, dport):
         from egress.enforce.owners import owner_of as holder
-        if diag is None or root[0] is None:
+        if self.diag is None or self.root[0] is None:
             return None
-        sock = diag.find("tcp" if proto == 6 else "udp", src, sport, dst, dport)
-        info = holder(sock.inode, root[0]) if sock is not None else None
+        sock = self.diag.find("tcp" if proto == 6 else "udp", src, sport, dst, dport)
+        info = holder(sock.inode, self.root[0]) if sock is not None else None
         if info is None:
             return None
         from egress.records import ProcessInfo
         return ProcessInfo(pid=info.pid, ppid=info.ppid, uid=info.uid, exe=info.exe,
                            cmdline=" ".join(info.cmdline))
 
-    gate = Gate(spec.task, spec.purpose, spec.mode, allow_mark=spec.allow_mark,
-                block_mark=spec.block_mark, own_resolvers=spec.own_resolvers,
-                min_ttl=spec.min_ttl, caps=spec.caps, deny_mark=spec.deny_mark,
-                mask=spec.mask, owner_of=owner_of, watch_mark=spec.watch_mark)
-    try:
-        queue = NfQueue(spec.queue, fail_open=spec.mode is not Mode.ENFORCE, maxlen=QUEUE_MAXLEN)
-    except OSError as e:
-        conn.send(("error", f"NFQUEUE {spec.queue}: {e}"))
-        return
-    conn.send(("ready", os.getpid()))
-    latencies: list[int] = []
-    original: dict[int, int] = {}                       # packet id -> its mark when queued
-
-    def _merged(marks, packet_id, mark):
+    def _verdict(self, packet_id, accept, mark) -> None:
         """The verdict's value in our bits; other tools' bits as the packet had them."""
-        had = marks.pop(packet_id, 0)
-        return None if mark is None else (had & ~spec.mask) | mark
+        had = self.original.pop(packet_id, 0)
+        self.queue.verdict(packet_id, accept,
+                           None if mark is None else (had & ~self.spec.mask) | mark)
 
-    running = True
-    while running:
-        ready, _, _ = select.select([queue, conn], [], [], 0.05)
-        while conn.poll():
-            kind, *rest = conn.recv()
-            if kind == "binding":
-                gate.bind(rest[0])
-            elif kind == "root":
-                root[0] = rest[0]
-            elif kind == "stop":
-                running = False
-        if queue in ready:
-            for packet in queue.read(timeout=0):
-                got = time.time_ns() // 1000
-                original[packet.packet_id] = packet.mark
-                verdicts = gate.packet(packet.packet_id, packet.payload, mark=packet.mark)
-                for packet_id, accept, mark in verdicts:
-                    queue.verdict(packet_id, accept, _merged(original, packet_id, mark))
-                if verdicts and verdicts[-1][2] is not None:
-                    latencies.append(time.time_ns() // 1000 - got)
-        for packet_id, accept, mark in gate.tick():
-            queue.verdict(packet_id, accept, _merged(original, packet_id, mark))
-        for key, info in gate.owners:
+    def read(self) -> None:
+        for packet in self.queue.read(timeout=0):
+            got = time.time_ns() // 1000
+            self.original[packet.packet_id] = packet.mark
+            verdicts = self.gate.packet(packet.packet_id, packet.payload, mark=packet.mark)
+            for verdict in verdicts:
+                self._verdict(*verdict)
+            if verdicts and verdicts[-1][2] is not None:
+                self.latencies.append(time.time_ns() // 1000 - got)
+
+    def tick(self, events) -> None:
+        for verdict in self.gate.tick():
+            self._verdict(*verdict)
+        for key, info in self.gate.owners:
             events.send(("owner", key, info))
-        gate.owners.clear()
-        for record in gate.decisions:
+        self.gate.owners.clear()
+        for record in self.gate.decisions:
             critical = [f for f in record.findings
                         if f.severity is Severity.CRITICAL and not f.waived]
             if critical:
-                events.send(("critical", f"{record.dst}:{record.dport}", critical))
-        gate.decisions.clear()
-    stats = dict(gate.stats, **{f"queue {k}": v for k, v in queue.stats().items()})
-    kernel = queue.kernel_stats() or {}
-    stats["queue dropped"] = kernel.get("queue_dropped", 0) + kernel.get("user_dropped", 0)
+                events.send(("critical", f"{record.dst}:{record.dport}", critical,
+                             self.spec.task))
+        self.gate.decisions.clear()
+
+    def stats(self) -> tuple[dict, list[int]]:
+        stats = dict(self.gate.stats, **{f"queue {k}": v for k, v in self.queue.stats().items()})
+        kernel = self.queue.kernel_stats() or {}
+        stats["queue dropped"] = kernel.get("queue_dropped", 0) + kernel.get("user_dropped", 0)
+        return stats, self.latencies[-10000:]
+
+    def close(self) -> None:
+        if getattr(self, "queue", None) is not None:
+            self.queue.close()
+        if self.diag is not None:
+            self.diag.close()
+
+
+def _serve(specs: list[GateSpec], conn, events) -> None:
+    """Gates for ``specs``, and for tasks added later (``add``, the host agent's)."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # the auditor says when to stop
+    root = [1 if any(s.host for s in specs) else None]  # where a socket's owner is looked for
+    served: dict[int, _Served] = {}
+    for spec in specs:
+        try:
+            served[spec.queue] = _Served(spec, root)
+        except OSError as e:
+            conn.send(("error", f"NFQUEUE {spec.queue}: {e}"))
+            return
+    conn.send(("ready", os.getpid()))
+    running = True
+    while running:
+        ready, _, _ = select.select([*served.values(), conn], [], [], 0.05)
+        while conn.poll():
+            kind, *rest = conn.recv()
+            if kind == "binding":                   # each gate admits only its task's
+                for one in served.values():
+                    one.gate.bind(rest[0])
+            elif kind == "root":
+                root[0] = rest[0]
+            elif kind == "add":
+                spec = rest[0]
+                root[0] = root[0] or (1 if spec.host else None)
+                try:
+                    served[spec.queue] = _Served(spec, root)
+                    conn.send(("added", None))
+                except OSError as e:
+                    conn.send(("added", f"NFQUEUE {spec.queue}: {e}"))
+            elif kind == "remove":
+                one = served.pop(rest[0], None)
+                got = one.stats() if one is not None else ({}, [])
+                if one is not None:
+                    one.close()
+                conn.send(("removed", *got))
+            elif kind == "stop":
+                running = False
+        for one in ready:
+            if one is not conn and one.spec.queue in served:
+                one.read()
+        for one in served.values():
+            one.tick(events)
+    stats, latencies = {}, []
+    for one in served.values():
+        got, lat = one.stats()
+        for k, v in got.items():
+            stats[k] = stats.get(k, 0) + v
+        latencies += lat
+        one.close()
     conn.send(("stats", stats, latencies[-10000:]))
-    queue.close()
 
 
 class GateProcess:
-    def __init__(self, spec: GateSpec):
+    def __init__(self, spec: GateSpec | None = None):
+        """One run's gate (``spec``), or none yet: the host agent adds a gate per task."""
         ctx = multiprocessing.get_context("fork")
         self._conn, child = ctx.Pipe()
         self.events, child_events = ctx.Pipe(duplex=False)   # critical findings, as they come
-        self.proc = ctx.Process(target=_serve, args=(spec, child, child_events),
+        self.proc = ctx.Process(target=_serve, args=([spec] if spec else [], child, child_events),
                                 name="egress-gate", daemon=True)
         self.proc.start()
         child.close()
@@ -155,6 +215,25 @@ class GateProcess:
         kind, detail = self._conn.recv()
         if kind != "ready":
             raise RuntimeError(f"the gate could not start: {detail}")
+
+    def add(self, spec: GateSpec) -> None:
+        """A task's gate, on its own queue; RuntimeError if the queue cannot be bound."""
+        with self._lock:
+            self._conn.send(("add", spec))
+            if not self._conn.poll(10):
+                raise RuntimeError(f"the gate did not answer for queue {spec.queue}")
+            _, error = self._conn.recv()
+        if error:
+            raise RuntimeError(error)
+
+    def remove(self, queue: int) -> dict:
+        """A task's gate is closed; its counters."""
+        with self._lock:
+            self._conn.send(("remove", queue))
+            if not self._conn.poll(10):
+                return {}
+            _, stats, _ = self._conn.recv()
+        return stats
 
     def task_started(self, init_pid: int) -> None:
         with self._lock:

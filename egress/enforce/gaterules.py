@@ -2,7 +2,9 @@
 
 nft has no ``queue`` statement on these kernels (KERNEL.md), so the queue
 rule is iptables-nft's ``-j NFQUEUE`` in a user chain of ours, ``EGRESS-GATE``
-in ``mangle`` (priority -150), reached by one jump per family from FORWARD.
+in ``mangle`` (priority -150), reached by one jump per family from FORWARD
+(``egress run``'s tasks, by their interface); the host agent's tasks are its own
+sockets, by uid or cgroup, in ``EGRESS-LOCAL-GATE`` reached from OUTPUT.
 A task's original-direction TCP and UDP packets whose flow has no verdict
 bits in its conntrack mark are queued; never with ``--queue-bypass`` in
 enforce mode (a dead gate must stop the task's new flows, not open them).
@@ -22,6 +24,8 @@ import subprocess
 from egress.enforce.tasknet import NetError, sh
 
 CHAIN = "EGRESS-GATE"
+LOCAL_CHAIN = "EGRESS-LOCAL-GATE"
+"""The host agent's: its tasks' own sockets, reached from OUTPUT."""
 TABLE = "inet egress_gate"
 PRIORITY = -140
 
@@ -39,12 +43,13 @@ def watch_mark(mask: int) -> int:
     return (mask & -mask) << 3
 
 
-def _task_rules(host_if: str, queue: int, mask: int, audit: bool) -> list[list[str]]:
-    """A bare SYN is not queued (it carries no payload: Fast Open is off in the task's
+def _task_rules(who: list[str], queue: int, mask: int, audit: bool) -> list[list[str]]:
+    """``who``: the iptables match of the task's packets (its interface, or its sockets'
+    owner). A bare SYN is not queued (it carries no payload: Fast Open is off in the task's
     namespace, and a task without CAP_NET_RAW cannot craft one that does), unless the
     ruleset marked it refused (the gate finds its process first)."""
     bypass = ["--queue-bypass"] if audit else []
-    common = ["-i", host_if, "-m", "conntrack", "--ctdir", "ORIGINAL",
+    common = [*who, "-m", "conntrack", "--ctdir", "ORIGINAL",
               "-m", "connmark", "--mark", f"0x0/{mask:#x}"]
     queue_to = ["-j", "NFQUEUE", "--queue-num", str(queue), *bypass]
     _, _, deny = marks(mask)
@@ -58,45 +63,73 @@ def _tool(family: int) -> str:
     return "iptables-nft" if family == 4 else "ip6tables-nft"
 
 
-def add(host_if: str, queue: int, mask: int, audit: bool) -> None:
-    """The user chain and its jump (once per family), then this task's queue rules."""
+def _owner(kind: str, value) -> list[str]:
+    """A local task's sockets: its uid, or its cgroup2 path (the kernel resolves xt_cgroup's
+    path from cgroup2's root, wherever it is mounted). Never its DNS to the agent's resolver
+    on loopback."""
+    match = (["-m", "owner", "--uid-owner", str(value)] if kind == "uid"
+             else ["-m", "cgroup", "--path", "/" + str(value).lstrip("/")])
+    return ["!", "-o", "lo", *match]
+
+
+def _load(chain: str, hook: str, rules: list[list[str]]) -> None:
+    """The user chain and its jump from ``hook`` (once per family), then ``rules``."""
     for family in (4, 6):
         tool = _tool(family)
-        if subprocess.run([tool, "-t", "mangle", "-L", CHAIN, "-n"],
+        if subprocess.run([tool, "-t", "mangle", "-L", chain, "-n"],
                           capture_output=True).returncode != 0:
-            sh(tool, "-t", "mangle", "-N", CHAIN)
-        if subprocess.run([tool, "-t", "mangle", "-C", "FORWARD", "-j", CHAIN],
+            sh(tool, "-t", "mangle", "-N", chain)
+        if subprocess.run([tool, "-t", "mangle", "-C", hook, "-j", chain],
                           capture_output=True).returncode != 0:
-            sh(tool, "-t", "mangle", "-I", "FORWARD", "1", "-j", CHAIN)
-        for rule in _task_rules(host_if, queue, mask, audit):
-            sh(tool, "-t", "mangle", "-A", CHAIN, *rule)
+            sh(tool, "-t", "mangle", "-I", hook, "1", "-j", chain)
+        for rule in rules:
+            sh(tool, "-t", "mangle", "-A", chain, *rule)
 
 
-def remove(host_if: str, queue: int, mask: int, audit: bool) -> list[str]:
-    """This task's queue rules; the chain and its jump stay for other runs."""
+def _unload(chain: str, rules: list[list[str]]) -> list[str]:
+    """``rules`` out of ``chain``; the chain and its jump stay for other tasks."""
     problems = []
     for family in (4, 6):
-        for rule in _task_rules(host_if, queue, mask, audit):
+        for rule in rules:
             try:
-                sh(_tool(family), "-t", "mangle", "-D", CHAIN, *rule)
+                sh(_tool(family), "-t", "mangle", "-D", chain, *rule)
             except NetError as e:
                 problems.append(str(e))
     return problems
 
 
-def post_gate(mask: int) -> str:
-    """The nft chain after the gate; idempotent, shared by every run."""
+def add(host_if: str, queue: int, mask: int, audit: bool) -> None:
+    """An egress run task's queue rules: its forwarded packets, by the host's interface."""
+    _load(CHAIN, "FORWARD", _task_rules(["-i", host_if], queue, mask, audit))
+
+
+def remove(host_if: str, queue: int, mask: int, audit: bool) -> list[str]:
+    return _unload(CHAIN, _task_rules(["-i", host_if], queue, mask, audit))
+
+
+def add_local(kind: str, value, queue: int, mask: int, audit: bool) -> None:
+    """A host agent task's queue rules: its own sockets' packets (OUTPUT), by uid or cgroup."""
+    _load(LOCAL_CHAIN, "OUTPUT", _task_rules(_owner(kind, value), queue, mask, audit))
+
+
+def remove_local(kind: str, value, queue: int, mask: int, audit: bool) -> list[str]:
+    return _unload(LOCAL_CHAIN, _task_rules(_owner(kind, value), queue, mask, audit))
+
+
+def post_gate(mask: int, hook: str = "forward") -> str:
+    """The nft chain after the gate; idempotent, shared by every run (``forward``) or by the
+    host agent's tasks (``output``: their own sockets)."""
     block, allow, _ = marks(mask)
     watch = watch_mark(mask)
     verdict = mask & ~watch
-    t = TABLE
+    t, c = TABLE, "post_gate" if hook == "forward" else f"post_gate_{hook}"
     return f"""add table {t}
-add chain {t} post_gate {{ type filter hook forward priority {PRIORITY}; policy accept; }}
-flush chain {t} post_gate
-add rule {t} post_gate meta mark & {verdict:#x} == {allow:#x} ct mark set ct mark | {allow:#x}
-add rule {t} post_gate meta mark & {watch:#x} == {watch:#x} ct mark set ct mark | {watch:#x}
-add rule {t} post_gate meta mark & {mask:#x} == {block:#x} ct mark set ct mark | {block:#x}
-add rule {t} post_gate meta mark & {mask:#x} == {block:#x} meta l4proto tcp reject with tcp reset
-add rule {t} post_gate meta mark & {mask:#x} == {block:#x} reject with icmpx type admin-prohibited
-add rule {t} post_gate meta mark & {mask:#x} != 0 meta mark set meta mark & {~mask & 0xFFFFFFFF:#x}
+add chain {t} {c} {{ type filter hook {hook} priority {PRIORITY}; policy accept; }}
+flush chain {t} {c}
+add rule {t} {c} meta mark & {verdict:#x} == {allow:#x} ct mark set ct mark | {allow:#x}
+add rule {t} {c} meta mark & {watch:#x} == {watch:#x} ct mark set ct mark | {watch:#x}
+add rule {t} {c} meta mark & {mask:#x} == {block:#x} ct mark set ct mark | {block:#x}
+add rule {t} {c} meta mark & {mask:#x} == {block:#x} meta l4proto tcp reject with tcp reset
+add rule {t} {c} meta mark & {mask:#x} == {block:#x} reject with icmpx type admin-prohibited
+add rule {t} {c} meta mark & {mask:#x} != 0 meta mark set meta mark & {~mask & 0xFFFFFFFF:#x}
 """
