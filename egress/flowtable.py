@@ -227,6 +227,24 @@ class FlowTable:
         """End an open flow now (live: conntrack destroyed its entry)."""
         self._finish(flow)
 
+    def adopt(self, ts: int, ipver: int, proto: int, src: bytes, dst: bytes, sport,
+              dport) -> Flow:
+        """A flow already open when we began (live: an entry of a conntrack dump, oriented as
+        conntrack has it): counted from now on, never identified from its payload."""
+        table = self.tables.setdefault(proto, {})
+        key, rkey = _key(proto, src, dst, sport, dport, -1), _key(proto, dst, src, dport, sport, -1)
+        flow = Flow(key, rkey, ipver, proto, src, dst, sport, dport, ts)
+        flow.watch, flow.collecting = None, False
+        flow.midstream = True
+        flow.weird.add("midstream")
+        if proto == UDP:
+            flow.cgrams, flow.sgrams = [], []
+        table[rkey] = (flow, False)
+        table[key] = (flow, True)
+        self.open += 1
+        self.stats["flows adopted"] += 1
+        return flow
+
     def find(self, proto, src: bytes, dst: bytes, sport, dport, seq: int = -1) -> Flow | None:
         """The open flow a packet with this tuple belongs to (either direction), if any."""
         hit = self.tables.get(proto, {}).get(_key(proto, src, dst, sport, dport, seq))

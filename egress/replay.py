@@ -19,6 +19,9 @@ from egress.records import (FlowRecord, Mode, NameBinding, Severity, TaskEvent, 
 from tagging.manifest import Purpose
 
 BATCH = 500
+FLUSH = "flush"
+"""An item a live source puts between records when a second has passed: what is judged is
+written now, not when a batch fills (a live record is never held back for long)."""
 
 
 class Recorder(Protocol):
@@ -133,6 +136,9 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
 
     unbound: Counter = Counter()
     for item in items:
+        if item is FLUSH:
+            flush()
+            continue
         if isinstance(item, NameBinding):
             if owner and item.task is not None:
                 item = dataclasses.replace(item, task=owner)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import struct
 import time
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFNLGRP_CONNTRACK_DESTROY = 1, 
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS = 1, 2, 3
 CTA_MARK, CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY, CTA_ID = 8, 9, 10, 12
-CTA_TIMESTAMP, CTA_MARK_MASK = 20, 21
+CTA_TIMESTAMP, CTA_MARK_MASK, CTA_LABELS = 20, 21, 22
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 (CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT, CTA_PROTO_ICMP_ID,
@@ -94,6 +95,15 @@ class CtEvent:
     reply_bytes: int | None = None
     start_ns: int | None = None
     stop_ns: int | None = None
+    labels: int = 0
+    """The entry's connlabel bits (``ct label set N`` sets bit N); 0 when it has none."""
+
+
+def _labels(raw: bytes) -> int:
+    """CTA_LABELS: the kernel's ``unsigned long`` words, in host byte order, lowest first."""
+    words = len(raw) // 8
+    return sum(int.from_bytes(raw[8 * i:8 * i + 8], sys.byteorder) << (64 * i)
+               for i in range(words))
 
 
 def _tuple(raw: bytes) -> tuple[CtTuple, int]:
@@ -173,6 +183,8 @@ def parse_event(buf: bytes, mtype: int, flags: int, start: int,
         elif key == CTA_TIMESTAMP:
             ev.start_ns, ev.stop_ns, more = _pair(value, CTA_TIMESTAMP_START, CTA_TIMESTAMP_STOP)
             bad += more
+        elif key == CTA_LABELS:
+            ev.labels = _labels(value)
     return ev, bad
 
 

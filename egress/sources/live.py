@@ -15,6 +15,10 @@ its logged packets stop. A feeder puts on the queue, in arrival order:
     ("binding", NameBinding)          an answer of the task's resolver
     ("ct", CtEvent)                   a conntrack DESTROY event or dumped entry
     ("ct-interim", CtEvent)           a periodic dump's entry: an interim record
+    ("resume", CtEvent, task, record) an entry open before we began (a restarted agent),
+                                      and the flow's last stored record, if any
+    ("suspend",)                      we stop, the flows do not: their records are interim
+    ("end-task", task)                a task of a shared host ended: its flows end with it
     None                              the task has ended
 
 Watched flows (SSH) are judged again, as interim records, every few entries
@@ -24,10 +28,13 @@ hours is on the record, and judged, before it closes.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import queue
+import time
 
 from egress.records import stable_flow_id
+from egress.replay import FLUSH
 from egress.sources.capture import CaptureSource
 
 LINKTYPE_RAW = 101
@@ -37,6 +44,8 @@ ACCOUNTED = (6, 17, 132)
 STALE_US = 1_000_000
 """A conntrack entry that started this long before a flow's first packet belongs to an
 earlier connection with the same tuple (both clocks are the kernel's wall clock)."""
+FLUSH_EVERY_S = 1.0
+"""How often what was judged is written out (egress.replay.FLUSH), busy or idle."""
 WATCH_EVERY = 8
 """Watch-feed entries between two interim judgments of a watched (SSH) flow: a reverse
 tunnel is found while it is open, and can be cut."""
@@ -56,6 +65,8 @@ class LiveSource(CaptureSource):
         """flow -> its task on a shared host: the NFLOG prefix of its first logged packet
         (the agent logs each task's sockets under its own; "" is untagged)."""
         self._last_ts = 0
+        self._resumed: dict = {}            # flow -> its record stored before a restart
+        self._suspending = False
 
     def _observed(self, flow) -> str:
         watched = flow.watch or flow.watched
@@ -68,10 +79,20 @@ class LiveSource(CaptureSource):
                               self._addr(flow.dst), flow.dport)
 
     def _frames(self):
+        next_flush = time.monotonic() + FLUSH_EVERY_S
         while True:
-            item = self.items.get()
+            try:
+                item = self.items.get(timeout=FLUSH_EVERY_S)
+            except queue.Empty:
+                item = ()
+            if time.monotonic() >= next_flush:
+                next_flush = time.monotonic() + FLUSH_EVERY_S
+                self._out.append(FLUSH)
+                yield LINKTYPE_RAW, 0, b"", 0, 0, 0
             if item is None:
                 return
+            if not item:
+                continue
             if item[0] == "packet":
                 _, ts, payload, headers_only, *label = item
                 # Packets come in the kernel's logging order, but with mixed clocks: the
@@ -101,6 +122,14 @@ class LiveSource(CaptureSource):
                 flow = self._account(item[1])
                 if flow is not None:
                     self._interim(flow)
+            elif item[0] == "resume":
+                self._resume(*item[1:])
+            elif item[0] == "suspend":
+                self._suspending = True
+                return
+            elif item[0] == "end-task":
+                for flow in [f for f, task in self._labels.items() if task == item[1]]:
+                    self._table.finish(flow)
             yield LINKTYPE_RAW, 0, b"", 0, 0, 0       # lets what is pending out now
 
     def _account(self, event) -> None:
@@ -127,12 +156,39 @@ class LiveSource(CaptureSource):
             return None
         return flow
 
+    def _resume(self, event, task: str | None, stored) -> None:
+        """A flow open before we began: its conntrack entry, and what was stored of it (its
+        observations, flow id and start), so it goes on as the same flow, judged as before."""
+        t = event.orig
+        if t is None or t.proto not in ACCOUNTED:
+            return
+        src, dst = ipaddress.ip_address(t.src), ipaddress.ip_address(t.dst)
+        if self._table.find(t.proto, src.packed, dst.packed, t.sport, t.dport) is not None:
+            return
+        start = stored.start if stored is not None else (event.start_ns or 0) // 1000
+        flow = self._table.adopt(start, src.version, t.proto, src.packed, dst.packed, t.sport,
+                                 t.dport)
+        self._labels[flow] = task
+        if stored is not None:
+            flow.flow_id = stored.flow_id
+            self._resumed[flow] = stored
+        self._account(dataclasses.replace(event, kind="entry", start_ns=None))
+
     def _flow_of(self, payload: bytes):
         """The open flow a logged packet belongs to (either direction), or None."""
         key = _packed_tuple(payload)
         return self._table.find(*key[:5]) if key is not None else None
 
     def _record(self, flow):
+        stored = self._resumed.get(flow)
+        if stored is not None:              # as stored, with conntrack's counters since
+            return dataclasses.replace(
+                stored, event="final", end=max(flow.last, stored.end or 0),
+                bytes_out=max(flow.bytes_o, stored.bytes_out),
+                bytes_in=max(flow.bytes_r, stored.bytes_in),
+                packets_out=max(flow.pkts_o, stored.packets_out),
+                packets_in=max(flow.pkts_r, stored.packets_in),
+                verdict=None, decided_at=None, action=None)
         record = super()._record(flow)
         if flow in self._labels:
             record.task = self._labels[flow]
@@ -165,9 +221,13 @@ class LiveSource(CaptureSource):
         self._out.append(record)
 
     def _finish(self, flow) -> None:
-        super()._finish(flow)
+        if self._suspending:                # open still; the next agent goes on with it
+            self._interim(flow)
+        else:
+            super()._finish(flow)
         self._watched.pop(flow, None)
         self._labels.pop(flow, None)
+        self._resumed.pop(flow, None)
         if self.owners is not None:
             self.owners.forget(flow.proto, self._addr(flow.src), flow.sport,
                                self._addr(flow.dst), flow.dport)
