@@ -163,6 +163,8 @@ class LoggedPacket:
     seq_global: int | None
     hook: int | None
     payload: bytes
+    stamped: bool = True
+    """False: the kernel gave no stamp (a locally sent packet), ``time`` is the read time."""
 
 
 def parse_packet(buf: bytes, start: int, end: int, now_us: int) -> tuple[LoggedPacket | None, int]:
@@ -179,12 +181,12 @@ def parse_packet(buf: bytes, start: int, end: int, now_us: int) -> tuple[LoggedP
                 vals[key] = _U32.unpack(raw)[0]
             else:
                 bad += 1
-    stamp, hook, hw_proto = now_us, None, 0
+    stamp, stamped, hook, hw_proto = now_us, False, None, 0
     raw = found.get(NFULA_TIMESTAMP)
     if raw is not None:
         if len(raw) == 16:
             sec, usec = struct.unpack(">QQ", raw)
-            stamp = sec * 1_000_000 + usec
+            stamp, stamped = sec * 1_000_000 + usec, True
         else:
             bad += 1
     raw = found.get(NFULA_PACKET_HDR)
@@ -201,7 +203,7 @@ def parse_packet(buf: bytes, start: int, end: int, now_us: int) -> tuple[LoggedP
                         vals.get(NFULA_MARK, 0), vals.get(NFULA_IFINDEX_INDEV, 0),
                         vals.get(NFULA_IFINDEX_OUTDEV, 0), vals.get(NFULA_UID),
                         vals.get(NFULA_GID), vals.get(NFULA_SEQ), vals.get(NFULA_SEQ_GLOBAL),
-                        hook, payload), bad
+                        hook, payload, stamped), bad
 
 
 class NflogDecoder:
@@ -217,6 +219,7 @@ class NflogDecoder:
     def feed(self, data: bytes, now_us: int | None = None) -> list[LoggedPacket]:
         now_us = time.time_ns() // 1000 if now_us is None else now_us
         out = []
+        last_stamp = None       # a packet without a stamp was logged after the one before it
         found, bad = messages(data)
         for mtype, _flags, _seq, start, end in found:
             if mtype != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
@@ -226,6 +229,10 @@ class NflogDecoder:
             if packet is None:
                 continue
             self.received += 1
+            if packet.stamped:
+                last_stamp = packet.time
+            elif last_stamp is not None:    # not the read time, later than what came next
+                packet.time = last_stamp
             if packet.seq is not None:
                 gap = (packet.seq - self._next_seq) & 0xFFFFFFFF
                 if gap < 1 << 31:       # else a replay or a reordering: not a loss
