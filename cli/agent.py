@@ -24,15 +24,22 @@ SOCKET_OPTION = click.option("--socket", "socket_path", type=click.Path(dir_okay
 @click.option("--mode", type=click.Choice(["audit", "enforce"]),
               help="The least mode of every task (a task's may be stricter, never looser).")
 @click.option("--group", help="A group whose members may use the control socket.")
+@click.option("--end-tasks-on-exit", is_flag=True,
+              help="End every task when the agent stops (default: tasks stay, their rules "
+                   "failing closed, and the next agent takes them and their open flows back).")
 @SOCKET_OPTION
 @click.pass_context
-def agent(ctx, db_url, no_store, mode, group, socket_path) -> None:
+def agent(ctx, db_url, no_store, mode, group, end_tasks_on_exit, socket_path) -> None:
     """Audit a shared host where tasks come and go, in the foreground, until SIGTERM.
 
     Tasks are started and stopped with `egress task`; each gets its purpose's
     rules (matched by uid or cgroup), its own resolver, and its flows on the
     record under its id. Sockets of ordinary users no task claims are recorded
     untagged. Needs root (CAP_NET_ADMIN).
+
+    When the agent stops, its tasks stay: their rules fail closed until an
+    agent runs again, which takes the tasks back and picks their open flows up
+    from conntrack, as the same flows.
 
     \b
     Examples:
@@ -56,17 +63,26 @@ def agent(ctx, db_url, no_store, mode, group, socket_path) -> None:
                         upstream=(cfg.resolver.upstream[0], 53) if cfg.resolver.upstream
                         else None, min_ttl=cfg.resolver.min_ttl,
                         nflog_group=cfg.netfilter.log_group, mark_mask=cfg.netfilter.mark_mask,
-                        first_packets=cfg.netfilter.first_packets or 64, group=gid)
+                        first_packets=cfg.netfilter.first_packets or 64, group=gid,
+                        end_tasks_on_exit=end_tasks_on_exit)
     recorder = None
     try:
         if not no_store:
+            from db import resolve_url
+            opts.store_url = resolve_url(db_url, cfg.database)
             recorder = BackgroundRecorder(db_url, cfg.database, kind="live", sources=["agent"])
         the_agent = Agent(opts, recorder=recorder)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: the_agent.stop())
-        click.echo(f"egress agent: listening on {socket_path}", err=True)
+        def ready(a) -> None:
+            for problem in a.problems:
+                click.echo(f"egress agent: {problem}", err=True)
+            if a.tasks or a.window:
+                click.echo(f"egress agent: {len(a.tasks) + bool(a.window)} task(s) taken back, "
+                           f"{a.picked_up} open flow(s) picked up", err=True)
+            click.echo(f"egress agent: listening on {socket_path}", err=True)
         try:
-            the_agent.run()
+            the_agent.run(on_ready=ready)
         finally:
             flows = the_agent.close()
         if recorder is not None:

@@ -8,6 +8,16 @@ match, output hook), redirects the task's DNS to a resolver of its own on the ag
 (``agentrules``). Every flow is recorded and judged by the live pipeline of ``egress run``
 with its task's purpose; sockets of ordinary users no task claims are recorded untagged.
 
+Each task's new flows also pass the inline gate of ``egress run`` (its own NFQUEUE,
+iptables-nft ``EGRESS-LOCAL-GATE`` from OUTPUT, by the same uid or cgroup), which holds
+their first payload until it is judged; watched flows (SSH) are judged again while open
+and cut late. Each flow carries its task's connlabel, so the first reply packets are
+logged too, and a restarted agent knows whose its open flows are: the agent keeps its
+tasks in a state file beside its socket; when it stops, its tasks stay (their rules fail
+closed: the dead-man's switch, the gate's unread queue) and their open flows are written
+as interim records; the next agent takes the tasks back and picks their open flows up
+from a conntrack dump, as the same flows.
+
 The protocol is one JSON object per line each way: ``{"op": "start", ...}`` ->
 ``{"ok": true, ...}`` or ``{"ok": false, "error": "one line"}``.
 """
@@ -23,7 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from egress.enforce import agentrules, purposefile, tasknet
+from egress.enforce import agentrules, gaterules, purposefile, tasknet
+from egress.enforce.gateproc import GateProcess, GateSpec
 from egress.enforce.liverecord import LiveRecorder
 from egress.enforce.nft import Nft
 from egress.enforce.resolver import Resolver
@@ -57,6 +68,13 @@ class AgentOptions:
     deadman_s: int = 5
     group: int | None = None
     """A group whose members may use the socket besides root."""
+    queue: int = 1024
+    """NFQUEUE numbers: a task's gate reads ``queue + its label``."""
+    end_tasks_on_exit: bool = False
+    """End every task when the agent stops, instead of leaving them for the next agent."""
+    store_url: str | None = None
+    """The store's URL, read when the agent starts again: its tasks' DNS bindings and the
+    last records of their open flows."""
     # LiveRecorder reads these, as it does egress run's options:
     task: str | None = None
     purpose: object | None = None
@@ -64,9 +82,11 @@ class AgentOptions:
 
 @dataclass
 class _Net:
-    """The agent's view for the live recorder: every local flow is a candidate."""
+    """The agent's view for the live recorder: every local flow is a candidate, and its
+    process is looked up on the host."""
     nflog_group: int
     netns_path: str | None = None
+    host: bool = True
     net4: str = "0.0.0.0/0"
     net6: str = "::/0"
     host4: str | None = None
@@ -84,12 +104,26 @@ class TaskSlot:
     rules: TaskRules
     server: Resolver
     switch: _Switch
+    label: int
+    queue: int
+    requested: str | None = None
     stats: dict = field(default_factory=dict)
+
+    @property
+    def queue_rules(self) -> dict:
+        """gaterules.add_local's arguments."""
+        return dict(kind=self.match.kind, value=self.match.value, queue=self.queue,
+                    mask=self.rules.mark_mask, audit=self.mode is not Mode.ENFORCE)
 
     def describe(self) -> dict:
         return {"task": self.task, "match": str(self.match), "mode": self.mode.value,
                 "purpose": self.purpose_path, "resolver": self.resolver,
-                "started": self.started, "dns": self.server.counters}
+                "started": self.started, "label": self.label, "dns": self.server.counters}
+
+    def state(self) -> dict:
+        return {"task": self.task, "match": str(self.match), "mode": self.requested,
+                "purpose": self.purpose_path, "resolver": self.resolver,
+                "started": self.started, "label": self.label}
 
 
 class Agent:
@@ -103,8 +137,12 @@ class Agent:
         self._stop = threading.Event()
         self.upstream = opts.upstream or host_upstream()
         self.live = LiveRecorder(opts, _Net(opts.nflog_group), recorder=recorder,
-                                 task_init=lambda: None, purposes=self.purposes,
+                                 task_init=lambda: 1, purposes=self.purposes,
                                  label_prefix=agentrules.PREFIX)
+        self.watch = gaterules.watch_mark(opts.mark_mask)
+        self.gate: GateProcess | None = None
+        self.picked_up = 0
+        self.problems: list[str] = []
         self.live.own_resolvers = set(RESOLVERS) | {ANY_SERVER}
         self.window: dict | None = None
         self.live.unclaimed = lambda: self.window["task"] if self.window else ""
@@ -140,10 +178,13 @@ class Agent:
             self.window = {"task": task, "match": "time window", "mode": "audit",
                            "purpose": str(purpose_path), "resolver": None,
                            "started": time.time_ns() // 1000, "dns": {}}
+            self._save()
         return self.window
 
     def start_task(self, task: str, purpose_path: str, match_text: str | None,
-                   mode: str | None = None) -> TaskSlot | dict:
+                   mode: str | None = None, *, again: dict | None = None) -> TaskSlot | dict:
+        """A task's rules, resolver, gate and recording. ``again``: the state of a task a
+        previous agent ran (its label, resolver and start are kept)."""
         if match_text is None:
             return self.start_window_task(task, purpose_path)
         manifest.check_task_id(task)
@@ -162,48 +203,176 @@ class Agent:
                 raise AgentError(f"task {task} is already running")
             if any(s.match == match for s in self.tasks.values()):
                 raise AgentError(f"{match} already belongs to a running task")
-            free = [r for r in RESOLVERS if r not in {s.resolver for s in self.tasks.values()}]
-            if not free:
-                raise AgentError("no resolver address left for another task")
-            resolver = free[0]
+            resolver, label = self._free(again)
+            block, allow, _ = gaterules.marks(self.opts.mark_mask)
             rules = TaskRules(task=task, purpose=purpose, match=match, mode=effective.value,
                               resolver4=resolver, nflog_group=self.opts.nflog_group + 1,
                               mark_mask=self.opts.mark_mask, dns_redirected=True,
                               deadman_seconds=self.opts.deadman_s)
+            queue = self.opts.queue + label
+            self.gate.add(GateSpec(queue=queue, task=task, purpose=purpose, mode=effective,
+                                   allow_mark=allow, block_mark=block,
+                                   own_resolvers=frozenset({resolver, ANY_SERVER}),
+                                   min_ttl=self.opts.min_ttl, mask=self.opts.mark_mask,
+                                   watch_mark=self.watch, host=True))
             self.purposes[task] = purpose
-            self._apply(generate_nft(rules) + arm_deadman(rules) + agentrules.add(
-                task, names(task), match, resolver, self.opts.nflog_group,
-                self.opts.first_packets))
-            server = Resolver(purpose, task, [(resolver, 53)], self.upstream,
-                              on_allow=lambda n, a: self._allow(rules, purpose, n, a),
-                              on_event=self._event,
-                              on_binding=lambda b: self.live.items.put(("binding", b)),
-                              min_ttl=self.opts.min_ttl,
-                              host_addresses=tasknet.host_addresses())
+            slot = None
             try:
+                self._apply(generate_nft(rules) + arm_deadman(rules) + agentrules.add(
+                    task, names(task), match, resolver, self.opts.nflog_group,
+                    self.opts.first_packets, label, self.watch))
+                server = Resolver(purpose, task, [(resolver, 53)], self.upstream,
+                                  on_allow=lambda n, a: self._allow(rules, purpose, n, a),
+                                  on_event=self._event, on_binding=self._binding,
+                                  min_ttl=self.opts.min_ttl,
+                                  host_addresses=tasknet.host_addresses())
+                slot = TaskSlot(task, match, effective, str(purpose_path), resolver,
+                                again["started"] if again else time.time_ns() // 1000,
+                                rules, server, _Switch(self._apply, rules), label, queue,
+                                requested=mode)
+                gaterules.add_local(**slot.queue_rules)
                 server.start()
-            except OSError as e:
-                self._apply(remove_nft(rules) + agentrules.remove(names(task), match))
-                raise AgentError(f"task {task}: its resolver on {resolver}:53: {e}") from None
-            switch = _Switch(self._apply, rules)
-            switch.start()
-            slot = TaskSlot(task, match, effective, str(purpose_path), resolver,
-                            time.time_ns() // 1000, rules, server, switch)
+            except (OSError, tasknet.NetError) as e:
+                self._unload(rules, match, slot)
+                self.gate.remove(queue)
+                raise AgentError(f"task {task}: {e}") from None
+            slot.switch.start()
             self.tasks[task] = slot
+            self._apply(self._replies())
+            self._save()
         return slot
+
+    def _free(self, again: dict | None) -> tuple[str, int]:
+        """A resolver address and a connlabel bit no running task has (or the ones a task
+        had under the previous agent)."""
+        if again:
+            return again["resolver"], again["label"]
+        taken = {s.resolver for s in self.tasks.values()}
+        labels = {s.label for s in self.tasks.values()}
+        resolver = next((r for r in RESOLVERS if r not in taken), None)
+        label = next((n for n in agentrules.LABELS if n not in labels), None)
+        if resolver is None or label is None:
+            raise AgentError("no resolver address or label left for another task")
+        return resolver, label
+
+    def _replies(self) -> str:
+        return agentrules.replies(self.opts.nflog_group, self.opts.first_packets, self.watch,
+                                  [(s.task, s.label) for s in self.tasks.values()])
+
+    def _unload(self, rules: TaskRules, match: Match, slot: TaskSlot | None) -> None:
+        """Whatever of a task's rules is loaded; quietly, as far as it goes."""
+        if slot is not None:
+            gaterules.remove_local(**slot.queue_rules)
+        try:
+            self._apply(remove_nft(rules) + agentrules.remove(names(rules.task), match))
+        except Exception:                   # noqa: BLE001 - never loaded
+            pass
 
     def stop_task(self, task: str) -> TaskSlot | dict:
         with self._lock:
             if self.window is not None and self.window["task"] == task:
                 window, self.window = self.window, None
+                self._save()
+                self.live.end_task(task)
                 return window
             slot = self.tasks.pop(task, None)
-        if slot is None:
-            raise AgentError(f"no running task {task}")
+            if slot is None:
+                raise AgentError(f"no running task {task}")
+            self._save()
         slot.switch.stopped.set()
         slot.server.stop()
-        self._apply(remove_nft(slot.rules) + agentrules.remove(names(task), slot.match))
+        self._unload(slot.rules, slot.match, slot)
+        slot.stats = self.gate.remove(slot.queue)
+        self._apply(self._replies())
+        self.live.end_task(task)
         return slot
+
+    def _binding(self, binding) -> None:
+        """An answer the task's resolver gave: to the gate (it judges names) and the record."""
+        self.gate.bind(binding)
+        self.live.items.put(("binding", binding))
+
+    # ------------------------------------------------------------ restart
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.opts.socket).with_suffix(".state.json")
+
+    def _save(self) -> None:
+        """The running tasks, for the next agent (written whole, then renamed)."""
+        state = {"tasks": [s.state() for s in self.tasks.values()], "window": self.window}
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1) + "\n")
+        os.chmod(tmp, 0o600)
+        tmp.replace(self.state_path)
+
+    def _restore(self) -> list[str]:
+        """The tasks the previous agent left, their DNS bindings, and their open flows, as
+        the same flows. Returns one line per problem (a task that cannot come back)."""
+        try:
+            state = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return []
+        except ValueError as e:
+            return [f"{self.state_path}: not readable ({e}); no task restored"]
+        problems = []
+        for t in state.get("tasks", []):
+            try:
+                self.start_task(t["task"], t["purpose"], t["match"], t.get("mode"), again=t)
+            except (KeyError, AgentError, ValueError, OSError, manifest.ManifestError,
+                    purposefile.PurposeFileError) as e:
+                problems.append(f"task {t.get('task')}: not restored: {' '.join(str(e).split())}")
+        window = state.get("window")
+        if window:
+            try:
+                self.start_window_task(window["task"], window["purpose"])
+                self.window["started"] = window["started"]
+            except (KeyError, AgentError, OSError, manifest.ManifestError,
+                    purposefile.PurposeFileError) as e:
+                problems.append(f"task {window.get('task')}: not restored: {e}")
+        self._save()
+        problems += self._pick_up()
+        return problems
+
+    def _pick_up(self) -> list[str]:
+        """Open flows of the tasks, from a conntrack dump, by their connlabel; each with its
+        last stored record, so its observations and verdict go on."""
+        from egress.enforce.ctevents import dump as ct_dump
+        owners = {s.label: s.task for s in self.tasks.values()}
+        owners[agentrules.UNTAGGED_LABEL] = self.window["task"] if self.window else None
+        stored, bindings = self._stored([t for t in owners.values() if t])
+        for binding in bindings:
+            self._binding(binding)
+        picked = 0
+        for entry in ct_dump():
+            label = next((n for n in owners if entry.labels >> n & 1), None)
+            t = entry.orig
+            if label is None or t is None:
+                continue
+            task = owners[label]
+            key = (task, t.proto, t.src, t.sport, t.dst, t.dport)
+            self.live.items.put(("resume", entry, task, stored.get(key)))
+            picked += 1
+        self.picked_up = picked
+        return []
+
+    def _stored(self, tasks: list[str]) -> tuple[dict, list]:
+        """The last stored record of each open (interim) flow of ``tasks``, by task and tuple,
+        and the tasks' DNS bindings."""
+        if not tasks or self.opts.store_url is None:
+            return {}, []
+        from db import FlowFilter, Store
+        from egress.sources.capture import PROTO_NAMES
+        numbers = {name: n for n, name in PROTO_NAMES.items()}
+        records, bindings = {}, []
+        with Store.open(self.opts.store_url) as store:
+            for task in tasks:
+                for f in store.flows(FlowFilter(task=task)):
+                    if f.event == "interim":
+                        key = (task, numbers.get(f.proto), f.src, f.sport, f.dst, f.dport)
+                        records[key] = f
+                bindings += store.bindings_of(task)
+        return records, bindings
 
     def _event(self, event) -> None:
         if self.recorder is not None:
@@ -278,18 +447,47 @@ class Agent:
 
     # ------------------------------------------------------------ life
 
-    def run(self) -> None:
-        """Until ``stop``: the record runs, tasks come and go."""
+    def run(self, on_ready=lambda agent: None) -> None:
+        """Until ``stop``: the record runs, tasks come and go. The gate is forked first,
+        before any thread of ours exists; the tasks a previous agent left come back before
+        the socket listens."""
+        self.gate = GateProcess()
+        self.gate.wait_ready()
+        threading.Thread(target=self._gate_events, name="egress-gate-events",
+                         daemon=True).start()
         self.live.start()
-        self._apply(agentrules.base(self.opts.nflog_group, self.opts.first_packets))
+        self._apply(agentrules.base(self.opts.nflog_group, self.opts.first_packets, self.watch)
+                    + gaterules.post_gate(self.opts.mark_mask, "output"))
+        self.problems = self._restore()
         self.listen()
+        on_ready(self)
         self._stop.wait()
+
+    def _gate_events(self) -> None:
+        """Owners the gate found for flows it refused, onto the record."""
+        while not self._stop.is_set():
+            try:
+                if self.gate.events.poll(0.2):
+                    kind, *rest = self.gate.events.recv()
+                    if kind == "owner":
+                        self.live.owner(*rest)
+            except (EOFError, OSError):
+                return
 
     def stop(self) -> None:
         self._stop.set()
 
     def close(self):
-        for task in list(self.tasks):
+        """Stop. The tasks stay for the next agent (their rules fail closed meanwhile) and
+        their open flows are written as interim records; unless ``end_tasks_on_exit``."""
+        keep = not self.opts.end_tasks_on_exit
+        for task in list(self.tasks) + ([self.window["task"]] if self.window else []):
+            if keep:
+                slot = self.tasks.get(task)
+                if slot is not None:
+                    slot.switch.stopped.set()
+                    slot.server.stop()
+                continue
             try:
                 self.stop_task(task)
             except (AgentError, OSError):
@@ -301,11 +499,17 @@ class Agent:
             except FileNotFoundError:
                 pass
         self.live.stop_reading()
-        try:
-            self._apply(f"delete table {agentrules.TABLE}\n")    # the untagged recording
-        except Exception:                   # noqa: BLE001 - never loaded, or already gone
-            pass
+        if keep and (self.tasks or self.window):
+            self.live.items.put(("suspend",))
+        else:
+            try:
+                self._apply(f"delete table {agentrules.TABLE}\n")    # the untagged recording
+            except Exception:               # noqa: BLE001 - never loaded, or already gone
+                pass
+            self.state_path.unlink(missing_ok=True)
         flows = self.live.finish()
+        if self.gate is not None:
+            self.gate.stop()
         self._nft.close()
         return flows
 

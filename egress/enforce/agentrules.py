@@ -12,17 +12,25 @@
   (127.0.1.N:53), so names are bound per task and refused names never leave, also on
   hosts with a local stub resolver reached over port 53.
 
-Only the original direction is logged: replies of a local socket cannot be matched by
-its owner on the input hook; conntrack gives their counters.
+Replies of a local socket cannot be matched by its owner on the input hook, so the
+recording chain puts a connlabel on each new flow (``ct label set N``: bit N is the
+task's, UNTAGGED_LABEL untagged), and the input chain ``replies`` logs the first reply
+packets of labelled flows under the same prefix. The label also tells a restarted agent
+whose its open flows are (a conntrack dump carries it). Flows the gate marked watched
+(SSH, unknown bytes) are followed further, headers only, both ways.
 """
 
 from __future__ import annotations
 
+from egress.enforce.recording import HEADERS, WATCH_PACKETS, WATCH_PREFIX
 from egress.enforce.ruleset import Match, nft_cgroup_path
 
 TABLE = "inet egress_agent"
 PRIORITY = -190
 PREFIX = "task:"
+UNTAGGED_LABEL = 127
+LABELS = range(1, UNTAGGED_LABEL)
+"""The connlabel bits tasks take, one each (bit 0 is left to other tools)."""
 UNTAGGED_MIN_UID = 1000
 """Sockets of users from this uid on that no task claims are recorded as untagged; system
 users' (root, daemons) are left alone: they are the host's, not an agent's."""
@@ -52,8 +60,12 @@ def _base(group: int, packets: int) -> list[str]:
               f"add rule {t} record meta skuid vmap @rec_uid"]
     lines += [f"add rule {t} record socket cgroupv2 level {n} vmap @rec_cgroup_l{n}"
               for n in range(1, 9)]
-    lines.append(f"add rule {t} record meta skuid >= {UNTAGGED_MIN_UID} ct direction original "
-                 f'ct original packets <= {packets} log prefix "{PREFIX}" group {group}')
+    lines += [f"add rule {t} record meta skuid >= {UNTAGGED_MIN_UID} ct state new "
+              f"ct label set {UNTAGGED_LABEL}",
+              f"add rule {t} record meta skuid >= {UNTAGGED_MIN_UID} ct direction original "
+              f'ct original packets <= {packets} log prefix "{PREFIX}" group {group}',
+              f"add chain {t} replies {{ type filter hook input priority {PRIORITY}; "
+              "policy accept; }"]
     lines += [f"add chain {t} dns {{ type nat hook output priority {PRIORITY}; "
               "policy accept; }", f"flush chain {t} dns",
               f"add rule {t} dns meta skuid vmap @dns_uid"]
@@ -62,10 +74,29 @@ def _base(group: int, packets: int) -> list[str]:
     return lines
 
 
-def base(group: int, packets: int) -> str:
+def base(group: int, packets: int, watch: int = 0) -> str:
     """The table and its base chains, with the untagged recording: loaded when the agent
     starts, before any task."""
-    return "\n".join(_base(group, packets)) + "\n"
+    return "\n".join(_base(group, packets)) + "\n" + replies(group, packets, watch, [])
+
+
+def _watched(direction: str, packets: int, watch: int, group: int) -> str:
+    return (f"ct mark & {watch:#x} == {watch:#x} ct direction {direction} "
+            f"ct {direction} packets > {packets} ct {direction} packets <= {WATCH_PACKETS} "
+            f'log prefix "{WATCH_PREFIX}" group {group} snaplen {HEADERS}')
+
+
+def replies(group: int, packets: int, watch: int, tasks: list[tuple[str, int]]) -> str:
+    """The input chain, rewritten whole as tasks come and go: the first reply packets of
+    each task's flows (``(task, label)``) and of untagged ones, and watched flows' headers."""
+    t = TABLE
+    lines = [f"flush chain {t} replies"]
+    for task, label in [*tasks, ("", UNTAGGED_LABEL)]:
+        lines.append(f"add rule {t} replies ct label {label} ct direction reply "
+                     f'ct reply packets <= {packets} log prefix "{PREFIX}{task}" group {group}')
+    if watch:
+        lines.append(f"add rule {t} replies {_watched('reply', packets, watch, group)}")
+    return "\n".join(lines) + "\n"
 
 
 def _chains(task_prefix: str) -> tuple[str, str]:
@@ -73,15 +104,18 @@ def _chains(task_prefix: str) -> tuple[str, str]:
 
 
 def add(task: str, task_prefix: str, match: Match, resolver: str, group: int,
-        packets: int) -> str:
-    """The task's recording and DNS chains, and their dispatch entries."""
+        packets: int, label: int, watch: int = 0) -> str:
+    """The task's recording and DNS chains, and their dispatch entries. ``label``: the
+    connlabel bit of its flows (see ``replies``); ``watch``: the gate's watch mark."""
     t, (rec, dns) = TABLE, _chains(task_prefix)
     expr, value, rec_map = _key(match)
     dns_map = rec_map.replace("rec_", "dns_")
     lines = _base(group, packets) + [
         f"add chain {t} {rec}", f"flush chain {t} {rec}",
+        f"add rule {t} {rec} ct state new ct label set {label}",
         f"add rule {t} {rec} ct direction original ct original packets <= {packets} "
         f'log prefix "{PREFIX}{task}" group {group}',
+        *([f"add rule {t} {rec} {_watched('original', packets, watch, group)}"] if watch else []),
         f"add rule {t} {rec} accept",          # claimed: not logged again as untagged
         f"add chain {t} {dns}", f"flush chain {t} {dns}",
         f"add rule {t} {dns} meta l4proto {{ tcp, udp }} th dport 53 ip daddr != {resolver} "

@@ -126,7 +126,7 @@ class LiveRecorder:
         opts, net = self.opts, self.net
         who = Attribution(task=opts.task, local=self.nets)
         owners = self.owners = Owners(net.netns_path, self.task_init, self.nets) \
-            if net.netns_path else None
+            if net.netns_path or getattr(net, "host", False) else None
         source = LiveSource(self.items, who, owners=owners)
         try:
             self._judged["flows"] = replay(
@@ -173,6 +173,12 @@ class LiveRecorder:
                           + ", ".join(f.id for f in record.findings if not f.waived))
 
     # ------------------------------------------------------------ end
+
+    def end_task(self, task: str) -> None:
+        """A task of a shared host has ended: its flows get conntrack's totals so far and
+        end with it (a closed connection's entry lingers in TIME_WAIT for minutes)."""
+        self._dump("ct")
+        self.items.put(("end-task", task))
 
     def stop_reading(self) -> None:
         """The task has ended: drain the feeds, then give flows still open conntrack's totals
