@@ -9,6 +9,7 @@ import click
 from cli import render
 from cli.params import TASK_ID, flow_filters
 from egress import config as config_mod
+from egress.exports import jsonl
 from egress.records import Mode, Severity, Verdict
 from egress.replay import replay as run_replay
 from egress.capture.files import CaptureError
@@ -233,9 +234,8 @@ def audit(ctx, db_url, task, since, until, verdict, finding, events, as_json) ->
     flows = store.flows(filt)
     task_events = store.task_events(filt) if events and verdict is None else []
     if as_json:
-        for record in sorted([*flows, *task_events],
-                             key=lambda r: r.start if hasattr(r, "start") else r.time):
-            click.echo(render.json_line(record))
+        for line in jsonl.lines(flows, task_events):
+            click.echo(line)
     else:
         con = render.console()
         render.flows(con, flows)
@@ -305,10 +305,11 @@ def completion(shell: str) -> None:
 # Commands kept in modules of their own; imported last, since they use this module's helpers.
 from cli.agent import agent, task_group  # noqa: E402
 from cli.doctor import doctor  # noqa: E402
+from cli.export import export  # noqa: E402
 from cli.live import cleanup, run  # noqa: E402
 from cli.rules import rules_group  # noqa: E402
 
-for command in (run, cleanup, rules_group, doctor, agent, task_group):
+for command in (run, cleanup, rules_group, doctor, agent, task_group, export):
     main.add_command(command)
 
 if __name__ == "__main__":

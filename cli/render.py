@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 
@@ -14,6 +13,7 @@ from rich import box
 from rich.markup import escape
 from rich.text import Text
 
+from egress.exports import jsonl
 from egress.records import FlowRecord, NameBinding, TaskEvent, format_time
 from tagging.manifest import Purpose
 from tagging.profiles import Profile
@@ -59,8 +59,8 @@ def styled(text: str, style: str | None) -> str:
     return f"[{style}]{escape(text)}[/]" if style else escape(text)
 
 
-def json_line(record) -> str:
-    return json.dumps(record.to_json(), separators=(",", ":"))
+json_line = jsonl.line
+"""One record as the contract's compact JSON (egress.exports.jsonl)."""
 
 
 # ---------------------------------------------------------------- purposes
