@@ -268,3 +268,9 @@ class Store:
         with self.session() as s:
             rows = s.execute(queries.bindings_for(task, address, before, limit)).mappings().all()
         return [mapping.binding_from_row(r) for r in rows]
+
+    def task_bindings(self, task: str) -> list[NameBinding]:
+        """Every DNS binding of a task, in the order seen (a what-if replays them)."""
+        with self.session() as s:
+            rows = s.execute(queries.task_bindings(task)).mappings().all()
+        return [mapping.binding_from_row(r) for r in rows]
