@@ -11,7 +11,8 @@ same inputs, judged again under the purpose stored with the task, do not
 give back rests on what only the original run saw (a reverse SSH tunnel
 told by its traffic, an ICMP tunnel by its payloads). Such a finding stands
 under the new purpose too, unless it is one the purpose's own rules raise
-(those are judged anew); the new purpose's ``waive`` applies to it.
+(those are judged anew) or the new purpose blocks the flow in enforce mode
+(the kernel would have cut it first); the new purpose's ``waive`` applies.
 """
 
 from __future__ import annotations
@@ -178,8 +179,10 @@ def what_if(tasks: list[StoredTask], purpose: Purpose, *, mode: Mode | str | Non
                     events=events)
     for flow_id, after in judged.items():
         before = stored[flow_id]
-        carried = _carry(after, _unrepeated(before.findings, baseline[flow_id].findings),
-                         purpose.waive, before.decided_at)
+        cut = after.mode is Mode.ENFORCE and after.verdict is Verdict.BLOCK
+        carried = [] if cut else _carry(     # a blocked flow was cut: nothing later happened
+            after, _unrepeated(before.findings, baseline[flow_id].findings), purpose.waive,
+            before.decided_at)
         result.carried += len(carried)
         result.before[str(before.verdict)] += 1
         result.after[str(after.verdict)] += 1

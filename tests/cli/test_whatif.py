@@ -77,6 +77,8 @@ def test_a_tighter_purpose_blocks_the_index_it_no_longer_declares(incident, tmp_
     assert (files["before"]["verdict"], files["after"]["verdict"]) == ("allow", "block")
     assert [f["id"] for f in files["after"]["findings"]] == ["undeclared-destination"]
     assert all(c["after"]["verdict"] == "block" for c in out["changes"])
+    # blocked at its start in enforce mode, the tunnel never ran: nothing kept into it
+    assert changed["relay.example"]["kept"] == [] and out["kept"] == 0
     assert out["after"] == {"allow": 5, "flag": 0, "block": 3}
     assert _rows(incident) == before
 
@@ -103,7 +105,11 @@ def test_table_output(incident, tmp_path):
     assert result.exit_code == 10
     assert "would now be allowed 5, flagged 0, blocked 3" in result.output
     assert "allow -> block 1, flag -> block 2" in result.output
-    assert "reverse-ssh-tunnel(kept)" in result.output
+    assert "(kept)" not in result.output
+    path.write_text(RELAY)
+    relay = run("replay", "--from-db", "--purpose", path, "--db", incident)
+    assert "reverse-ssh-tunnel(kept); rule allow[0] relay.example tcp/443 ssh" in relay.output
+    assert "1 finding(s) kept from the store" in relay.output
 
 
 @pytest.mark.parametrize("args,message", [
