@@ -1,7 +1,6 @@
 """egress export on a store filled from the bundled lab incident, on SQLite and PostgreSQL."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -90,3 +89,12 @@ def test_errors_are_one_line(incident, tmp_path):
     assert no_task.exit_code == 2 and "give --task" in no_task.output
 
 
+
+
+def test_a_task_without_flows_is_one_line(store_url):
+    from db import Store
+    from tagging import manifest
+    with Store.open(store_url) as store:
+        store.add_task("quiet", manifest.load(LAB / "purpose.toml"), started=1)
+    result = run("export", "--db", store_url, "--task", "quiet", "--format", "eve")
+    assert result.exit_code == 1 and result.output == "egress: task 'quiet' has no flows\n"
