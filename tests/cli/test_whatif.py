@@ -129,3 +129,9 @@ def test_unknown_task_is_one_line(incident):
                  LAB / "purpose.toml", "--db", incident)
     assert result.exit_code == 1
     assert result.output == "egress: no task 'no-such-task' in the store\n"
+
+
+def test_without_a_task_every_stored_task_is_judged(incident, tmp_path):
+    status, out = _what_if(incident, tmp_path, RELAY.replace('task = "deps-install"\n', ""))
+    assert status == 10 and out["flows"] == 8       # the one task; untagged flows are no task's
+    assert [c["server_name"] for c in out["changes"]] == ["relay.example"]
