@@ -9,6 +9,7 @@ import click
 from cli import render
 from cli.params import TASK_ID, flow_filters
 from egress import config as config_mod
+from egress.exports import jsonl
 from egress.records import Mode, Severity, Verdict
 from egress.replay import replay as run_replay
 from egress.capture.files import CaptureError
@@ -132,10 +133,14 @@ def profiles(name: str | None) -> None:
 # ------------------------------------------------------------------- replay
 
 @main.command(context_settings=CONTEXT)
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--from-db", "from_db", is_flag=True,
+              help="What if: judge the flows already in the store (--db) under --purpose "
+                   "instead of INPUTS, and show what would change; nothing is written.")
 @click.option("--purpose", "purpose_file", type=click.Path(dir_okay=False),
               help="The purpose manifest to judge by.")
-@click.option("--task", type=TASK_ID, help="The task that owns the flows (wins over the manifest's).")
+@click.option("--task", type=TASK_ID, help="The task that owns the flows (wins over the manifest's); "
+                                           "with --from-db, the stored task to judge again.")
 @click.option("--tasks", "tasks_file", type=click.Path(dir_okay=False),
               help="Several tasks, each with its addresses and/or time window and purpose "
                    "(TOML, see the README); instead of --purpose and --task.")
@@ -152,8 +157,8 @@ def profiles(name: str | None) -> None:
 @click.option("--no-store", is_flag=True, help="Judge and print only; write nothing.")
 @JSON_OPTION
 @click.pass_context
-def replay(ctx, inputs, purpose_file, task, tasks_file, local, mode, window, db_url, no_store,
-           as_json) -> None:
+def replay(ctx, inputs, from_db, purpose_file, task, tasks_file, local, mode, window, db_url,
+           no_store, as_json) -> None:
     """Judge recorded flows under a purpose, as the live agent would have.
 
     INPUTS are captures (pcap or pcapng, gzip read transparently), read as
@@ -162,12 +167,24 @@ def replay(ctx, inputs, purpose_file, task, tasks_file, local, mode, window, db_
     ignored: each flow is judged anew, DNS answers binding names for the
     task's later flows.
 
+    With --from-db instead of INPUTS: what if the task (--task, the
+    manifest's, or every task) had declared --purpose? Its stored flows
+    are judged again and each flow whose verdict or findings change is
+    listed, old -> new and why; the store is only read. Exit status 10 when
+    the new purpose still leaves violations.
+
     \b
     Examples:
       egress replay examples/incident/incident.pcap \\
           --purpose examples/incident/purpose.toml --db ./incident.db
       egress replay examples/incident/flows.jsonl --purpose examples/incident/purpose.toml
+      egress replay --from-db --task deps-install --purpose tighter.toml --db ./incident.db
     """
+    if from_db == bool(inputs):
+        raise click.UsageError("give INPUTS (captures or flow logs) or --from-db, not both"
+                               if inputs else "give INPUTS (captures or flow logs) or --from-db")
+    if from_db:
+        return _what_if(ctx, purpose_file, task, tasks_file, local, mode, db_url, as_json)
     if tasks_file and (purpose_file or task):
         raise click.UsageError("--tasks names the tasks and their purposes: "
                                "give it, or --purpose and --task, not both")
@@ -210,6 +227,44 @@ def replay(ctx, inputs, purpose_file, task, tasks_file, local, mode, window, db_
         ctx.exit(VIOLATIONS)
 
 
+def _what_if(ctx, purpose_file, task, tasks_file, local, mode, db_url, as_json) -> None:
+    """replay --from-db: the stored flows judged under another purpose, nothing written."""
+    if purpose_file is None:
+        raise click.UsageError("--from-db needs --purpose: the purpose to judge the stored flows by")
+    if tasks_file or local:
+        raise click.UsageError("--tasks and --local attribute captured flows; stored flows "
+                               "have their task already (use --task)")
+    from db import FlowFilter, StoreError
+    from egress.whatif import StoredTask, what_if
+    p = _load_purpose(purpose_file)
+    cfg: config_mod.Config = ctx.obj
+    store = _store(ctx, db_url)
+    owner = task or p.task
+    try:
+        stored = [store.task(owner)] if owner else store.tasks()
+        if owner and stored[0] is None:
+            raise Failure(f"no task {owner!r} in the store")
+        tasks = [StoredTask(t.id, t.purpose, t.mode, store.flows(FlowFilter(task=t.id)),
+                            store.task_bindings(t.id), store.task_events(FlowFilter(task=t.id)))
+                 for t in stored]
+    except StoreError as e:
+        raise _fail(e)
+    if not any(t.flows for t in tasks):
+        raise Failure(f"task {owner!r} has no flows in the store" if owner
+                      else "the store has no flows of any task")
+    try:
+        result = what_if(tasks, p, mode=mode, min_ttl_s=cfg.resolver.min_ttl)
+    except manifest.ManifestError as e:
+        raise _fail(e)
+    if as_json:
+        import json
+        click.echo(json.dumps(result.to_json(p), separators=(",", ":")))
+    else:
+        render.what_if(render.console(), result, purpose_file)
+    if result.violations:
+        ctx.exit(VIOLATIONS)
+
+
 # ------------------------------------------------------------ audit, explain
 
 @main.command(context_settings=CONTEXT)
@@ -233,9 +288,8 @@ def audit(ctx, db_url, task, since, until, verdict, finding, events, as_json) ->
     flows = store.flows(filt)
     task_events = store.task_events(filt) if events and verdict is None else []
     if as_json:
-        for record in sorted([*flows, *task_events],
-                             key=lambda r: r.start if hasattr(r, "start") else r.time):
-            click.echo(render.json_line(record))
+        for line in jsonl.lines(flows, task_events):
+            click.echo(line)
     else:
         con = render.console()
         render.flows(con, flows)
@@ -305,10 +359,11 @@ def completion(shell: str) -> None:
 # Commands kept in modules of their own; imported last, since they use this module's helpers.
 from cli.agent import agent, task_group  # noqa: E402
 from cli.doctor import doctor  # noqa: E402
+from cli.export import export  # noqa: E402
 from cli.live import cleanup, run  # noqa: E402
 from cli.rules import rules_group  # noqa: E402
 
-for command in (run, cleanup, rules_group, doctor, agent, task_group):
+for command in (run, cleanup, rules_group, doctor, agent, task_group, export):
     main.add_command(command)
 
 if __name__ == "__main__":

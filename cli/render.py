@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 
@@ -14,6 +13,7 @@ from rich import box
 from rich.markup import escape
 from rich.text import Text
 
+from egress.exports import jsonl
 from egress.records import FlowRecord, NameBinding, TaskEvent, format_time
 from tagging.manifest import Purpose
 from tagging.profiles import Profile
@@ -59,8 +59,8 @@ def styled(text: str, style: str | None) -> str:
     return f"[{style}]{escape(text)}[/]" if style else escape(text)
 
 
-def json_line(record) -> str:
-    return json.dumps(record.to_json(), separators=(",", ":"))
+json_line = jsonl.line
+"""One record as the contract's compact JSON (egress.exports.jsonl)."""
 
 
 # ---------------------------------------------------------------- purposes
@@ -110,14 +110,21 @@ def flows(con: Console, records: list[FlowRecord]) -> None:
     table = _table(con, "start (UTC)", "flow", "task", "proto", "destination", "name",
                    "app", "verdict", "findings")
     for f in records:
-        findings = Text(" ").join(
-            Text(x.id + ("(waived)" if x.waived else ""),
-                 style="" if x.waived else SEVERITY_STYLE[x.severity]) for x in f.findings)
         table.add_row(short_time(f.start), f.flow_id, f.task or "-", f.proto,
-                      endpoint(f.dst, f.dport), _name(f), f.app or "-",
-                      Text(str(f.verdict), style=VERDICT_STYLE.get(str(f.verdict), "")),
-                      findings if f.findings else "-")
+                      endpoint(f.dst, f.dport), _name(f), f.app or "-", _verdict(f.verdict),
+                      _findings(f.findings) if f.findings else "-")
     con.print(table)
+
+
+def _verdict(verdict) -> Text:
+    return Text(str(verdict), style=VERDICT_STYLE.get(str(verdict), ""))
+
+
+def _findings(findings, kept=()) -> Text:
+    """Finding ids by severity; ``(waived)``, and ``(kept)`` for those in ``kept``."""
+    return Text(" ").join(
+        Text(x.id + ("(waived)" if x.waived else "") + ("(kept)" if x in kept else ""),
+             style="" if x.waived else SEVERITY_STYLE[x.severity]) for x in findings)
 
 
 def _name(f: FlowRecord) -> str:
@@ -290,3 +297,30 @@ def cleanup_report(con: Console, done: list[str]) -> None:
         con.print("nothing to clean: no run of egress was left behind")
     for line in done:
         con.print(escape(line))
+
+
+def what_if(con: Console, result, purpose_source: str) -> None:
+    """The flows a new purpose would judge otherwise, old -> new and why, then the counts."""
+    if result.changes:
+        table = _table(con, "flow", "task", "destination", "name", "app", "stored", "now",
+                       "why now")
+        for c in result.changes:
+            f = c.after
+            why = Text("; ").join([*([_findings(f.findings, c.carried)] if f.findings else []),
+                                   *([Text(f"rule {f.rule}")] if f.rule else [])]) or Text("-")
+            table.add_row(f.flow_id, f.task or "-", endpoint(f.dst, f.dport), _name(f),
+                          f.app or "-", _verdict(c.before.verdict), _verdict(f.verdict), why)
+        con.print(table)
+    if result.events:
+        events(con, result.events)
+    counts = ", ".join(f"{verb} {result.after[v]}" for v, verb in
+                       (("allow", "allowed"), ("flag", "flagged"), ("block", "blocked")))
+    stored = ", ".join(f"{result.before[v]} {v}" for v in ("allow", "flag", "block"))
+    con.print(escape(f"{result.flows} flow(s) judged again under {purpose_source}: "
+                     f"would now be {counts} (stored: {stored})"))
+    moved = ", ".join((f"{a} -> {b}" if a != b else f"{a}, other findings") + f" {n}"
+                      for (a, b), n in sorted(result.transitions.items()))
+    con.print(f"{len(result.changes)} flow(s) change" + (f": {moved}" if moved else ""))
+    if result.carried:
+        con.print(f"{result.carried} finding(s) kept from the store (kept): they rest on "
+                  "packets the store does not keep")

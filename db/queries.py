@@ -93,3 +93,10 @@ def bindings_for(task: str | None, address: str, before: int, limit: int) -> Sel
     return (select(*binding.__table__.c)
             .where(owner, binding.address == address, binding.time <= before)
             .order_by(binding.time.desc(), binding.id.desc()).limit(limit))
+
+
+def task_bindings(task: str) -> Select:
+    """Every DNS binding of a task, in the order seen."""
+    binding = models.DnsBinding
+    return (select(*binding.__table__.c).where(binding.task == task)
+            .order_by(binding.time, binding.id))

@@ -269,10 +269,9 @@ class Store:
             rows = s.execute(queries.bindings_for(task, address, before, limit)).mappings().all()
         return [mapping.binding_from_row(r) for r in rows]
 
-    def bindings_of(self, task: str) -> list[NameBinding]:
-        """Every binding of a task, oldest first (a restarted agent's judge takes them back)."""
+    def task_bindings(self, task: str) -> list[NameBinding]:
+        """Every DNS binding of a task, in the order seen (a what-if replays them; a restarted
+        agent's judge takes them back)."""
         with self.session() as s:
-            rows = s.execute(select(models.DnsBinding.__table__)
-                             .where(models.DnsBinding.task == task)
-                             .order_by(models.DnsBinding.time)).mappings().all()
+            rows = s.execute(queries.task_bindings(task)).mappings().all()
         return [mapping.binding_from_row(r) for r in rows]

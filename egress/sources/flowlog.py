@@ -13,6 +13,7 @@ import gzip
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Iterable
 
 from egress.names import bindings_from
 from egress.records import FlowRecord, NameBinding, RecordError
@@ -62,12 +63,24 @@ def read_flowlog(path: str | Path, skipped: Counter) -> list[FlowRecord]:
 
 def flowlog_items(paths, skipped: Counter) -> list[FlowRecord | NameBinding]:
     """A replay's items from flow logs: in start order, each DNS flow's bindings first."""
-    flows = sorted((f for path in paths for f in read_flowlog(path, skipped)),
-                   key=lambda f: (f.start, f.flow_id))
+    return ordered_items([f for path in paths for f in read_flowlog(path, skipped)])
+
+
+def ordered_items(flows: Iterable[FlowRecord], bindings: Iterable[NameBinding] = ()
+                  ) -> list[FlowRecord | NameBinding]:
+    """Whole flow records as a replay's items: in start order, each DNS flow's bindings
+    (from its answers) first. ``bindings``: answers no flow here carries (live, those of
+    the task's own resolver), each before the flows that start at or after its time."""
+    answers = sorted(bindings, key=lambda b: b.time)
     items: list[FlowRecord | NameBinding] = []
-    for flow in flows:
+    i = 0
+    for flow in sorted(flows, key=lambda f: (f.start, f.flow_id)):
+        while i < len(answers) and answers[i].time <= flow.start:
+            items.append(answers[i])
+            i += 1
         items.extend(bindings_from(flow))
         items.append(flow)
+    items.extend(answers[i:])
     return items
 
 
