@@ -307,8 +307,9 @@ from cli.agent import agent, task_group  # noqa: E402
 from cli.doctor import doctor  # noqa: E402
 from cli.live import cleanup, run  # noqa: E402
 from cli.rules import rules_group  # noqa: E402
+from cli.history import report, timeline  # noqa: E402
 
-for command in (run, cleanup, rules_group, doctor, agent, task_group):
+for command in (run, cleanup, rules_group, doctor, agent, task_group, timeline, report):
     main.add_command(command)
 
 if __name__ == "__main__":

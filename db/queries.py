@@ -93,3 +93,20 @@ def bindings_for(task: str | None, address: str, before: int, limit: int) -> Sel
     return (select(*binding.__table__.c)
             .where(owner, binding.address == address, binding.time <= before)
             .order_by(binding.time.desc(), binding.id.desc()).limit(limit))
+
+
+def task_bindings(filt: FlowFilter) -> Select:
+    """DNS bindings of the filter's task seen in [since, until), in time order; none when
+    the filter names a verdict or a finding (bindings have neither)."""
+    binding = models.DnsBinding
+    query = select(*binding.__table__.c)
+    if filt.verdict is not None or filt.finding is not None:
+        query = query.where(false())
+    if filt.task is not None:
+        query = query.where(binding.task == filt.task)
+    if filt.since is not None:
+        query = query.where(binding.time >= filt.since)
+    if filt.until is not None:
+        query = query.where(binding.time < filt.until)
+    query = query.order_by(binding.time, binding.id)
+    return query if filt.limit is None else query.limit(filt.limit)

@@ -268,3 +268,10 @@ class Store:
         with self.session() as s:
             rows = s.execute(queries.bindings_for(task, address, before, limit)).mappings().all()
         return [mapping.binding_from_row(r) for r in rows]
+
+    def bindings(self, filt: FlowFilter = FlowFilter()) -> list[NameBinding]:
+        """The DNS bindings the filter matches (task, time), in time order; none when it
+        names a verdict or a finding."""
+        with self.session() as s:
+            rows = s.execute(queries.task_bindings(filt)).mappings().all()
+        return [mapping.binding_from_row(r) for r in rows]
