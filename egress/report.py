@@ -216,8 +216,9 @@ def _chart(task: StoredTask, flows: list[FlowRecord], events: list[TaskEvent]) -
                'transform:rotate(45deg)"></i>finding (colour: highest severity)</span>'
                '<span>dashed line: task event</span>')
     return ('<section id="timeline"><h2>Timeline</h2>' + "".join(out)
-            + f'<p class="legend muted">{legend}. Bars run from a flow\'s first to its last '
-            "packet; a finding is marked when the flow's verdict was decided.</p></section>")
+            + f'<p class="legend muted">{legend}</p><p class="muted">Bars run from a flow\'s '
+            "first to its last packet; a finding is marked when the flow's verdict was "
+            "decided.</p></section>")
 
 
 def _findings(flows: list[FlowRecord], events: list[TaskEvent]) -> str:
