@@ -15,8 +15,8 @@ from html import escape
 from typing import Iterable, Protocol
 
 from egress.records import (FINDINGS, FlowRecord, NameBinding, Severity, TaskEvent,
-                            format_time)
-from egress.timeline import decided_time
+                            Verdict, format_time)
+from egress.timeline import decided_time, endpoint
 from tagging.manifest import Purpose
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
@@ -71,11 +71,6 @@ def _time(us: int | None) -> str:
 
 def _badge(text: str, colour: str) -> str:
     return f'<span class="badge" style="background:{colour}">{_e(text)}</span>'
-
-
-def _endpoint(address: str, port: int | None) -> str:
-    host = f"[{address}]" if ":" in address else address
-    return host if port is None else f"{host}:{port}"
 
 
 def _evidence_value(value) -> str:
@@ -156,13 +151,32 @@ def _worst(findings) -> str | None:
     return max(counted, key=lambda x: x.severity.rank).severity.value if counted else None
 
 
+CHART_ROWS = 400
+"""At most this many flows in the chart: every flagged, blocked or found one first, then
+the earliest others (the tables list every flow)."""
+
+
+def _chart_flows(flows: list[FlowRecord]) -> list[FlowRecord]:
+    if len(flows) <= CHART_ROWS:
+        return flows
+    notable = [f for f in flows if f.findings or f.verdict is not Verdict.ALLOW]
+    rest = [f for f in flows if not (f.findings or f.verdict is not Verdict.ALLOW)]
+    keep = {id(f) for f in (notable + rest)[:CHART_ROWS]}
+    return [f for f in flows if id(f) in keep]
+
+
 # SVG geometry (user units of the viewBox; the image scales to the page's width)
 _W, _LABEL, _RIGHT, _ROW, _TOP = 1100, 300, 20, 20, 34
 
 
-def _chart(task: StoredTask, flows: list[FlowRecord], events: list[TaskEvent]) -> str:
-    if not flows:
+def _chart(task: StoredTask, every: list[FlowRecord], events: list[TaskEvent]) -> str:
+    if not every:
         return '<section id="timeline"><h2>Timeline</h2><p>No flows recorded.</p></section>'
+    flows = _chart_flows(every)
+    shown = "" if len(flows) == len(every) else (
+        f'<p class="muted" id="chart-cut">The chart shows {len(flows)} of the task\'s '
+        f"{len(every)} flows: every flagged or blocked one, every one with a finding, then "
+        "the earliest others. The tables below list them all.</p>")
     t0 = min([f.start for f in flows] + [e.time for e in events])
     t1 = max([f.end or f.start for f in flows] + [e.time for e in events])
     span = max(t1 - t0, 1_000)
@@ -194,7 +208,7 @@ def _chart(task: StoredTask, flows: list[FlowRecord], events: list[TaskEvent]) -
         y = _TOP + row * _ROW
         verdict = _v(f)
         start, end = x(f.start), x(f.end or f.start)
-        tip = (f"{f.flow_id} {f.proto} {_endpoint(f.dst, f.dport)} {f.server_name or ''} "
+        tip = (f"{f.flow_id} {f.proto} {endpoint(f.dst, f.dport)} {f.server_name or ''} "
                f"{f.app or ''}: {verdict}, {_time(f.start)} .. {_time(f.end)}")
         out.append(f'<text x="{_LABEL - 8}" y="{y + 14}" text-anchor="end">'
                    f"{_e(_label(f)[:44])}</text>"
@@ -215,7 +229,7 @@ def _chart(task: StoredTask, flows: list[FlowRecord], events: list[TaskEvent]) -
     legend += (f'<span><i style="background:{SEVERITY_COLOUR["critical"]};'
                'transform:rotate(45deg)"></i>finding (colour: highest severity)</span>'
                '<span>dashed line: task event</span>')
-    return ('<section id="timeline"><h2>Timeline</h2>' + "".join(out)
+    return ('<section id="timeline"><h2>Timeline</h2>' + shown + "".join(out)
             + f'<p class="legend muted">{legend}</p><p class="muted">Bars run from a flow\'s '
             "first to its last packet; a finding is marked when the flow's verdict was "
             "decided.</p></section>")
@@ -233,7 +247,7 @@ def _findings(flows: list[FlowRecord], events: list[TaskEvent]) -> str:
         kind = FINDINGS.get(finding.id)
         if isinstance(owner, FlowRecord):
             where = (f"flow <code>{_e(owner.flow_id)}</code>: {_e(owner.proto)} "
-                     f"{_e(_endpoint(owner.dst, owner.dport))}"
+                     f"{_e(endpoint(owner.dst, owner.dport))}"
                      + (f" ({_e(owner.server_name)})" if owner.server_name else "")
                      + f", verdict {_e(owner.verdict)}, decided at {_e(owner.decided_at)}")
             if owner.process is not None:

@@ -84,14 +84,14 @@ def _flow_entries(flow: FlowRecord) -> list[Entry]:
     out = []
     if flow.app == "dns" and flow.dns is not None:
         out.append(entry(flow.start, "dns", source="flow",
-                         resolver=_endpoint(flow.dst, flow.dport),
+                         resolver=endpoint(flow.dst, flow.dport),
                          lookups=[{"name": q.name, "type": q.type, "answers": list(q.answers),
                                    "rcode": q.rcode} for q in flow.dns.queries],
                          verdict=verdict))
     else:
         out.append(entry(flow.start, "flow-open", proto=flow.proto,
-                         src=_endpoint(flow.src, flow.sport),
-                         dst=_endpoint(flow.dst, flow.dport), server_name=flow.server_name,
+                         src=endpoint(flow.src, flow.sport),
+                         dst=endpoint(flow.dst, flow.dport), server_name=flow.server_name,
                          app=flow.app, verdict=verdict, decided_at=decided, rule=flow.rule,
                          mode=None if flow.mode is None else str(flow.mode)))
     when = decided_time(flow)
@@ -133,7 +133,7 @@ def _resolver_lookups(bindings: Iterable[NameBinding]) -> list[Entry]:
             if b.address not in names[b.name]:
                 names[b.name].append(b.address)
         first = rows[0]
-        resolver = None if first.resolver is None else _endpoint(first.resolver,
+        resolver = None if first.resolver is None else endpoint(first.resolver,
                                                                  first.resolver_port)
         out.append(Entry(time=first.time, entry="dns", task=first.task, detail={
             "source": "resolver", "resolver": resolver,
@@ -143,6 +143,7 @@ def _resolver_lookups(bindings: Iterable[NameBinding]) -> list[Entry]:
     return out
 
 
-def _endpoint(address: str, port: int | None) -> str:
+def endpoint(address: str, port: int | None) -> str:
+    """``address:port``, an IPv6 address in brackets; the address alone without a port."""
     host = f"[{address}]" if ":" in address else address
     return host if port is None else f"{host}:{port}"

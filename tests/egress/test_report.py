@@ -140,3 +140,25 @@ def test_store_text_is_escaped_never_markup(store_url):
     for value in HOSTILE.values():
         assert value in text, value     # shown as text, character for character
     assert "pid 31337" in " ".join(text.split())
+
+
+def test_a_long_task_charts_every_notable_flow_and_lists_all():
+    from types import SimpleNamespace
+
+    from egress.records import Step, Verdict
+    from tagging import manifest
+    from tests.factories import T0, make_finding, make_flow
+    many = [make_flow(start=T0 + i * 1000, end=T0 + i * 1000 + 10, verdict=Verdict.ALLOW,
+                      decided_at=Step.START) for i in range(report.CHART_ROWS + 50)]
+    last = make_flow(start=T0 + 10_000_000, end=T0 + 10_000_010, verdict=Verdict.FLAG,
+                     decided_at=Step.START, findings=[make_finding("direct-ip")])
+    task = SimpleNamespace(id="t1", purpose=manifest.parse('version = 1\npurpose = "p"\n',
+                                                           "p.toml"),
+                           mode="audit", sha256=None, started=T0, ended=None)
+    page = Page(report.render(task, [*many, last], []))
+    bars = [a for a in page.tags("rect") if "bar" in a.get("class", "")]
+    assert len(bars) == report.CHART_ROWS
+    assert bars[-1]["class"] == "bar verdict-flag"      # the late flagged flow is charted
+    assert len(page.tags("path")) == 1
+    assert f"shows {report.CHART_ROWS} of the task's {len(many) + 1} flows" in page.text
+    assert sum(1 for d in page.data if d.startswith("f-test")) >= len(many) + 1  # all listed
