@@ -10,7 +10,7 @@ from rich.text import Text
 
 from cli import render
 from cli.main import CONTEXT, DB_OPTION, Failure, _store
-from cli.params import TASK_ID, flow_filters
+from cli.params import TASK_ID, flow_filters, now_us
 from egress import report as report_mod
 from egress import timeline as timeline_mod
 from egress.records import format_time
@@ -121,7 +121,8 @@ def report(ctx, task, output, db_url) -> None:
     store, stored_task, flows, events, bindings = _history(ctx, db_url, task=task)
     if stored_task is None:
         raise Failure(f"no task {task!r} in the store (its flows are, but not its purpose)")
-    page = report_mod.render(stored_task, flows, events, bindings, source=store.url)
+    page = report_mod.render(stored_task, flows, events, bindings, source=store.url,
+                            generated=now_us())
     try:
         with open(output, "w", encoding="utf-8") as out:
             out.write(page)
