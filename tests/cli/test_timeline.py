@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from db import Store
-from egress.records import NameBinding, ProcessInfo, Step, Verdict, parse_time
+from egress.records import NameBinding, ProcessInfo, Step, TaskEvent, Verdict, parse_time
 from tests.factories import make_finding, make_ssh_flow
 from tests.incident import TASK, replay_lab_incident
 
@@ -105,15 +105,27 @@ def test_timeline_shows_the_process_and_our_resolvers_answers(store_url):
         store.add_bindings([NameBinding(task="t1", name="relay.example", address="203.0.113.10",
                                         ttl=60, time=t0, resolver="10.213.0.1",
                                         resolver_port=53)])
+        store.write([TaskEvent(task="t1", time=t0 + 3_000_000, event="dns-refused",
+                               findings=[make_finding("dns-refused", name="pool.example",
+                                                      qtype="A")])])
     result = run("timeline", "--task", "t1", "--db", store_url)
     assert result.exit_code == 0, result.output
     rows = result.output.splitlines()
     assert "relay.example -> 203.0.113.10  (via 10.213.0.1:53)" in rows[1]
     assert rows[2].split()[2] == "flow-open"
     assert "pid 4242 ssh -N -R 9000:localhost:22 agent@relay.example" in rows[2]
+    assert "dns-refused: high dns-refused: name=pool.example, qtype=A" in rows[-2]
     data = lines(run("timeline", "--task", "t1", "--db", store_url, "--json"))
     assert data[0]["detail"]["source"] == "resolver" and data[0]["flow_id"] is None
     assert data[1]["process"]["pid"] == 4242
+    assert data[-1]["entry"] == "task-event" and data[-1]["detail"]["event"] == "dns-refused"
+    # Our resolver's answers have no verdict, and fall outside a later window.
+    flagged = lines(run("timeline", "--task", "t1", "--db", store_url, "--json",
+                        "--verdict", "flag"))
+    assert [e["entry"] for e in flagged] == ["flow-open", "finding", "flow-close"]
+    later = lines(run("timeline", "--task", "t1", "--db", store_url, "--json",
+                      "--since", "2026-03-11T02:14:07.000500Z"))
+    assert "dns" not in [e["entry"] for e in later] and len(later) == 4
 
 
 def test_timeline_bad_input(incident):
