@@ -245,7 +245,7 @@ def _what_if(ctx, purpose_file, task, tasks_file, local, mode, db_url, as_json) 
         if owner and stored[0] is None:
             raise Failure(f"no task {owner!r} in the store")
         tasks = [StoredTask(t.id, t.purpose, t.mode, store.flows(FlowFilter(task=t.id)),
-                            store.task_bindings(t.id), store.task_events(FlowFilter(task=t.id)))
+                            store.bindings(FlowFilter(task=t.id)), store.task_events(FlowFilter(task=t.id)))
                  for t in stored]
     except StoreError as e:
         raise _fail(e)
@@ -362,8 +362,10 @@ from cli.doctor import doctor  # noqa: E402
 from cli.export import export  # noqa: E402
 from cli.live import cleanup, run  # noqa: E402
 from cli.rules import rules_group  # noqa: E402
+from cli.history import report, timeline  # noqa: E402
 
-for command in (run, cleanup, rules_group, doctor, agent, task_group, export):
+for command in (run, cleanup, rules_group, doctor, agent, task_group, export, timeline,
+                report):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -63,20 +63,27 @@ def latest_flows(filt: FlowFilter) -> Select:
 def task_events(filt: FlowFilter) -> Select:
     """Task events the filter matches (time in [since, until)), in time order."""
     event = models.TaskEvent
-    query = select(*event.__table__.c)
+    query = _task_in_time(event, filt)
     if filt.verdict is not None:
         query = query.where(false())
-    if filt.task is not None:
-        query = query.where(event.task == filt.task)
-    if filt.since is not None:
-        query = query.where(event.time >= filt.since)
-    if filt.until is not None:
-        query = query.where(event.time < filt.until)
     if filt.finding is not None:
         query = query.where(exists().where(models.Finding.task_event_row == event.id,
                                            models.Finding.finding_id == filt.finding))
     query = query.order_by(event.time, event.id)
     return query if filt.limit is None else query.limit(filt.limit)
+
+
+def _task_in_time(model, filt: FlowFilter) -> Select:
+    """Rows of a table with ``task`` and ``time`` columns: the filter's task, time in
+    [since, until)."""
+    query = select(*model.__table__.c)
+    if filt.task is not None:
+        query = query.where(model.task == filt.task)
+    if filt.since is not None:
+        query = query.where(model.time >= filt.since)
+    if filt.until is not None:
+        query = query.where(model.time < filt.until)
+    return query
 
 
 def findings_of(owner, row_ids: list[int]) -> Select:
@@ -95,8 +102,12 @@ def bindings_for(task: str | None, address: str, before: int, limit: int) -> Sel
             .order_by(binding.time.desc(), binding.id.desc()).limit(limit))
 
 
-def task_bindings(task: str) -> Select:
-    """Every DNS binding of a task, in the order seen."""
+def task_bindings(filt: FlowFilter) -> Select:
+    """DNS bindings of the filter's task seen in [since, until), in time order; none when
+    the filter names a verdict or a finding (bindings have neither)."""
     binding = models.DnsBinding
-    return (select(*binding.__table__.c).where(binding.task == task)
-            .order_by(binding.time, binding.id))
+    query = _task_in_time(binding, filt)
+    if filt.verdict is not None or filt.finding is not None:
+        query = query.where(false())
+    query = query.order_by(binding.time, binding.id)
+    return query if filt.limit is None else query.limit(filt.limit)

@@ -269,9 +269,10 @@ class Store:
             rows = s.execute(queries.bindings_for(task, address, before, limit)).mappings().all()
         return [mapping.binding_from_row(r) for r in rows]
 
-    def task_bindings(self, task: str) -> list[NameBinding]:
-        """Every DNS binding of a task, in the order seen (a what-if replays them; a restarted
-        agent's judge takes them back)."""
+    def bindings(self, filt: FlowFilter = FlowFilter()) -> list[NameBinding]:
+        """The DNS bindings the filter matches (task, time), in time order; none when it
+        names a verdict or a finding. (A what-if replays a task's; a restarted agent's judge
+        takes them back.)"""
         with self.session() as s:
-            rows = s.execute(queries.task_bindings(task)).mappings().all()
+            rows = s.execute(queries.task_bindings(filt)).mappings().all()
         return [mapping.binding_from_row(r) for r in rows]

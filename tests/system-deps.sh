@@ -17,6 +17,8 @@ for pair in ip:iproute2 tcpdump:tcpdump sshd:openssh-server ssh:openssh-client \
     tool=${pair%%:*} pkg=${pair#*:}
     command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || need+=("$pkg")
 done
+# The HTML report's test renders it in a real headless browser (tests/egress/test_report_chromium.py).
+command -v chromium >/dev/null || need+=(chromium)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 # pip as the task user runs it in the live incident test (the system's, not the venv's)
 /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)

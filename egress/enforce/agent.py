@@ -371,7 +371,7 @@ class Agent:
                     if f.event == "interim":
                         key = (task, numbers.get(f.proto), f.src, f.sport, f.dst, f.dport)
                         records[key] = f
-                bindings += store.task_bindings(task)
+                bindings += store.bindings(FlowFilter(task=task))
         return records, bindings
 
     def _event(self, event) -> None:
