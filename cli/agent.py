@@ -68,8 +68,10 @@ def agent(ctx, db_url, no_store, mode, group, end_tasks_on_exit, socket_path) ->
     recorder = None
     try:
         if not no_store:
+            from functools import partial
             from db import resolve_url
-            opts.store_url = resolve_url(db_url, cfg.database)
+            from db.store import read_back
+            opts.read_back = partial(read_back, resolve_url(db_url, cfg.database))
             recorder = BackgroundRecorder(db_url, cfg.database, kind="live", sources=["agent"])
         the_agent = Agent(opts, recorder=recorder)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

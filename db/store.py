@@ -276,3 +276,14 @@ class Store:
         with self.session() as s:
             rows = s.execute(queries.task_bindings(filt)).mappings().all()
         return [mapping.binding_from_row(r) for r in rows]
+
+
+def read_back(url: str, tasks: list[str]) -> tuple[list[FlowRecord], list[NameBinding]]:
+    """What a restarted host agent takes back of its tasks: the last record of each flow
+    still open when it stopped (written as interim), and their DNS bindings."""
+    flows, bindings = [], []
+    with Store.open(url) as store:
+        for task in tasks:
+            flows += [f for f in store.flows(FlowFilter(task=task)) if f.event == "interim"]
+            bindings += store.bindings(FlowFilter(task=task))
+    return flows, bindings

@@ -19,7 +19,7 @@ _ports = itertools.count(40000)
 def make_flow(**fields) -> FlowRecord:
     """An outbound TCP flow of task ``t1`` to 203.0.113.10:443; override any field."""
     n = next(_ids)
-    base = dict(flow_id=f"f-test{n:04d}", task="t1", proto="tcp", ip_version=4,
+    base = dict(flow_id=f"f-t{n:07d}", task="t1", proto="tcp", ip_version=4,
                 src="10.213.0.2", dst="203.0.113.10", dport=443,
                 start=T0 + n * 1000, end=T0 + n * 1000 + 500_000, conn_state="SF",
                 observed="full", bytes_out=1200, bytes_in=5400, packets_out=8,

@@ -72,9 +72,9 @@ class AgentOptions:
     """NFQUEUE numbers: a task's gate reads ``queue + its label``."""
     end_tasks_on_exit: bool = False
     """End every task when the agent stops, instead of leaving them for the next agent."""
-    store_url: str | None = None
-    """The store's URL, read when the agent starts again: its tasks' DNS bindings and the
-    last records of their open flows."""
+    read_back: object | None = None
+    """``tasks -> (open flows' last records, DNS bindings)`` from the store (db.read_back),
+    for an agent that starts again; None: no store."""
     # LiveRecorder reads these, as it does egress run's options:
     task: str | None = None
     purpose: object | None = None
@@ -359,20 +359,13 @@ class Agent:
     def _stored(self, tasks: list[str]) -> tuple[dict, list]:
         """The last stored record of each open (interim) flow of ``tasks``, by task and tuple,
         and the tasks' DNS bindings."""
-        if not tasks or self.opts.store_url is None:
+        if not tasks or self.opts.read_back is None:
             return {}, []
-        from db import FlowFilter, Store
         from egress.sources.capture import PROTO_NAMES
         numbers = {name: n for n, name in PROTO_NAMES.items()}
-        records, bindings = {}, []
-        with Store.open(self.opts.store_url) as store:
-            for task in tasks:
-                for f in store.flows(FlowFilter(task=task)):
-                    if f.event == "interim":
-                        key = (task, numbers.get(f.proto), f.src, f.sport, f.dst, f.dport)
-                        records[key] = f
-                bindings += store.bindings(FlowFilter(task=task))
-        return records, bindings
+        flows, bindings = self.opts.read_back(tasks)
+        return {(f.task, numbers.get(f.proto), f.src, f.sport, f.dst, f.dport): f
+                for f in flows}, bindings
 
     def _event(self, event) -> None:
         if self.recorder is not None:
