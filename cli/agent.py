@@ -79,8 +79,8 @@ def agent(ctx, db_url, no_store, mode, group, end_tasks_on_exit, socket_path) ->
         def ready(a) -> None:
             for problem in a.problems:
                 click.echo(f"egress agent: {problem}", err=True)
-            if a.tasks or a.window:
-                click.echo(f"egress agent: {len(a.tasks) + bool(a.window)} task(s) taken back, "
+            if a.tasks or a.claimed:
+                click.echo(f"egress agent: {len(a.tasks) + len(a.claimed)} task(s) taken back, "
                            f"{a.picked_up} open flow(s) picked up", err=True)
             click.echo(f"egress agent: listening on {socket_path}", err=True)
         try:
@@ -117,22 +117,30 @@ def _ask(socket_path: str, payload: dict) -> dict:
 @click.option("--purpose", "purpose_file", required=True, type=click.Path(dir_okay=False))
 @click.option("--uid", type=int, help="The task's processes run as this uid.")
 @click.option("--cgroup", help="The task's processes are in this cgroup (cgroup2 path).")
+@click.option("--pid", type=int, help="The task is this process and its descendants.")
 @click.option("--mode", type=click.Choice(["audit", "enforce"]))
 @SOCKET_OPTION
-def task_start(task, purpose_file, uid, cgroup, mode, socket_path) -> None:
+def task_start(task, purpose_file, uid, cgroup, pid, mode, socket_path) -> None:
     """Start a task: its sockets (by uid or cgroup) get its purpose's rules, its own
-    resolver, and its id on the record. With neither, the host's single such task
-    takes, while it runs, the flows of ordinary users that no task claims (recorded and
-    judged in audit mode; nothing can enforce them).
+    resolver, the inline gate, and its id on the record.
+
+    By --pid, the flows of ordinary users' sockets (uid 1000 and above) that no uid or
+    cgroup task claims are the task's when their process descends from PID when the
+    flow starts. With none of the three, the host's single such task takes all of
+    them while it runs (by time window). Both are recorded and judged in audit mode:
+    no kernel rule can match a process tree.
 
     \b
     Examples:
       sudo egress task start fix-1234 --purpose task.toml --uid 1001
       sudo egress task start fix-1234 --purpose task.toml --cgroup /agents/fix-1234
+      sudo egress task start fix-1234 --purpose task.toml --pid 4242
     """
-    if uid is not None and cgroup is not None:
-        raise click.UsageError("give one of --uid or --cgroup, not both")
-    match = f"uid:{uid}" if uid is not None else f"cgroup:{cgroup}" if cgroup else None
+    given = [f"{k}:{v}" for k, v in (("uid", uid), ("cgroup", cgroup), ("pid", pid))
+             if v is not None]
+    if len(given) > 1:
+        raise click.UsageError("give one of --uid, --cgroup or --pid")
+    match = given[0] if given else None
     reply = _ask(socket_path, {"op": "start", "task": task, "match": match, "mode": mode,
                                "purpose": str(Path(purpose_file).resolve())})
     t = reply["task"]

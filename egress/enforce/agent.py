@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from egress.enforce import agentrules, gaterules, purposefile, tasknet
+from egress.enforce.claims import QUEUE_OFFSET, TreeClaims
 from egress.enforce.gateproc import GateProcess, GateSpec
 from egress.enforce.liverecord import LiveRecorder
 from egress.enforce.nft import Nft
@@ -144,8 +145,11 @@ class Agent:
         self.picked_up = 0
         self.problems: list[str] = []
         self.live.own_resolvers = set(RESOLVERS) | {ANY_SERVER}
-        self.window: dict | None = None
-        self.live.unclaimed = lambda: self.window["task"] if self.window else ""
+        self.claimed: dict[str, dict] = {}
+        """Tasks no kernel rule matches, recorded and judged in audit mode: by process tree
+        (``pid``), or the host's single one by time window (``pid`` None)."""
+        self.live.claim = self._claim
+        self.claims = TreeClaims(opts.queue + QUEUE_OFFSET)
         self._server: socket.socket | None = None
 
     # ------------------------------------------------------------ kernel
@@ -162,31 +166,71 @@ class Agent:
 
     # ------------------------------------------------------------ tasks
 
-    def start_window_task(self, task: str, purpose_path: str) -> dict:
-        """A task given neither uid nor cgroup: while it runs, and while it is the host's only
-        such task, the flows of ordinary users' sockets no task claims are its (recorded and
-        judged, not enforced: no rule can match them). Never system users' (below uid 1000)."""
+    @property
+    def window(self) -> dict | None:
+        return next((c for c in self.claimed.values() if c["pid"] is None), None)
+
+    def start_claimed_task(self, task: str, purpose_path: str, pid: int | None = None,
+                           again: dict | None = None) -> dict:
+        """A task no kernel rule can match, recorded and judged in audit mode: the flows of
+        ordinary users' sockets (uid 1000 and above) that no uid or cgroup task claims are
+        its when their process descends from ``pid``; with no pid, while it runs and while
+        it is the host's only such task, all of them (by time window). Never system users'."""
+        from egress.enforce.owners import uid_of
+        from egress.enforce.tasknet import start_ticks
         manifest.check_task_id(task)
-        purpose = purposefile.load(purpose_path, None, None, "of the window")
+        if pid is not None:
+            uid = uid_of(pid)
+            if uid is None:
+                raise AgentError(f"no process {pid}")
+            if uid < agentrules.UNTAGGED_MIN_UID:
+                raise AgentError(f"process {pid} runs as uid {uid}: a process tree is followed "
+                                 f"among ordinary users' sockets (uid {agentrules.UNTAGGED_MIN_UID}"
+                                 " and above); give --uid or --cgroup")
+            if again and again.get("pid_start") != start_ticks(pid):
+                raise AgentError(f"process {pid} is not the one the task had (it ended)")
+        purpose = purposefile.load(purpose_path, None, None,
+                                   f"of process {pid}" if pid else "of the window")
         with self._lock:
-            if self.window is not None:
-                raise AgentError(f"task {self.window['task']} is already attributed by time "
-                                 "window; give --uid or --cgroup to tell tasks apart")
-            if task in self.tasks:
+            window = self.window
+            if pid is None and window is not None:
+                raise AgentError(f"task {window['task']} is already attributed by time "
+                                 "window; give --uid, --cgroup or --pid to tell tasks apart")
+            if task in self.tasks or task in self.claimed:
                 raise AgentError(f"task {task} is already running")
             self.purposes[task] = dataclasses.replace(purpose, mode=Mode.AUDIT, task=task)
-            self.window = {"task": task, "match": "time window", "mode": "audit",
-                           "purpose": str(purpose_path), "resolver": None,
-                           "started": time.time_ns() // 1000, "dns": {}}
+            self.claimed[task] = {
+                "task": task, "match": f"pid:{pid}" if pid else "time window", "mode": "audit",
+                "purpose": str(purpose_path), "resolver": None,
+                "started": again["started"] if again else time.time_ns() // 1000, "dns": {},
+                "pid": pid, "pid_start": start_ticks(pid) if pid else None}
             self._save()
-        return self.window
+        if pid is not None:
+            try:
+                self.claims.add(task, pid)
+            except (OSError, tasknet.NetError) as e:
+                self.stop_task(task)
+                raise AgentError(f"task {task}: following process {pid}: {e}") from None
+        return self.claimed[task]
+
+    def _claim(self, key: tuple) -> str:
+        """The task of a flow no uid or cgroup task claimed (``key``: proto, src, sport, dst,
+        dport): the process tree its socket's holder was found in, else the task by time
+        window, else none ("")."""
+        found = self.claims.take(key)
+        if found is not None:
+            self.live.owner(key, found[1])
+            return found[0]
+        window = self.window
+        return window["task"] if window else ""
 
     def start_task(self, task: str, purpose_path: str, match_text: str | None,
                    mode: str | None = None, *, again: dict | None = None) -> TaskSlot | dict:
         """A task's rules, resolver, gate and recording. ``again``: the state of a task a
         previous agent ran (its label, resolver and start are kept)."""
-        if match_text is None:
-            return self.start_window_task(task, purpose_path)
+        if match_text is None or match_text.startswith("pid:"):
+            pid = int(match_text[4:]) if match_text else None
+            return self.start_claimed_task(task, purpose_path, pid, again)
         manifest.check_task_id(task)
         match = Match.parse(match_text)
         if match.kind == "interface":
@@ -199,7 +243,7 @@ class Agent:
         effective = purpose.effective_mode(least)
         purpose = dataclasses.replace(purpose, mode=effective, task=task)
         with self._lock:
-            if task in self.tasks:
+            if task in self.tasks or task in self.claimed:
                 raise AgentError(f"task {task} is already running")
             if any(s.match == match for s in self.tasks.values()):
                 raise AgentError(f"{match} already belongs to a running task")
@@ -270,11 +314,15 @@ class Agent:
 
     def stop_task(self, task: str) -> TaskSlot | dict:
         with self._lock:
-            if self.window is not None and self.window["task"] == task:
-                window, self.window = self.window, None
+            claimed = self.claimed.pop(task, None)
+            if claimed is not None:
                 self._save()
-                self.live.end_task(task)
-                return window
+        if claimed is not None:
+            if claimed["pid"] is not None:
+                self.claims.remove(task)
+            self.live.end_task(task)
+            return claimed
+        with self._lock:
             slot = self.tasks.pop(task, None)
             if slot is None:
                 raise AgentError(f"no running task {task}")
@@ -300,7 +348,8 @@ class Agent:
 
     def _save(self) -> None:
         """The running tasks, for the next agent (written whole, then renamed)."""
-        state = {"tasks": [s.state() for s in self.tasks.values()], "window": self.window}
+        state = {"tasks": [s.state() for s in self.tasks.values()]
+                 + [dict(c, dns=None) for c in self.claimed.values()]}
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1) + "\n")
         os.chmod(tmp, 0o600)
@@ -317,19 +366,12 @@ class Agent:
             return [f"{self.state_path}: not readable ({e}); no task restored"]
         problems = []
         for t in state.get("tasks", []):
+            match = None if t.get("match") == "time window" else t.get("match")
             try:
-                self.start_task(t["task"], t["purpose"], t["match"], t.get("mode"), again=t)
+                self.start_task(t["task"], t["purpose"], match, t.get("mode"), again=t)
             except (KeyError, AgentError, ValueError, OSError, manifest.ManifestError,
                     purposefile.PurposeFileError) as e:
                 problems.append(f"task {t.get('task')}: not restored: {' '.join(str(e).split())}")
-        window = state.get("window")
-        if window:
-            try:
-                self.start_window_task(window["task"], window["purpose"])
-                self.window["started"] = window["started"]
-            except (KeyError, AgentError, OSError, manifest.ManifestError,
-                    purposefile.PurposeFileError) as e:
-                problems.append(f"task {window.get('task')}: not restored: {e}")
         self._save()
         problems += self._pick_up()
         return problems
@@ -384,11 +426,11 @@ class Agent:
                 return {"ok": True, "task": _described(self.stop_task(request["task"]))}
             if op == "list":
                 tasks = [s.describe() for s in self.tasks.values()]
-                return {"ok": True, "tasks": tasks + ([self.window] if self.window else [])}
+                return {"ok": True, "tasks": tasks + list(self.claimed.values())}
             if op == "show":
                 slot = self.tasks.get(request["task"])
-                if slot is None and self.window and self.window["task"] == request["task"]:
-                    return {"ok": True, "task": self.window}
+                if slot is None and request["task"] in self.claimed:
+                    return {"ok": True, "task": self.claimed[request["task"]]}
                 if slot is None:
                     raise AgentError(f"no running task {request['task']}")
                 return {"ok": True, "task": slot.describe()}
@@ -474,7 +516,7 @@ class Agent:
         """Stop. The tasks stay for the next agent (their rules fail closed meanwhile) and
         their open flows are written as interim records; unless ``end_tasks_on_exit``."""
         keep = not self.opts.end_tasks_on_exit
-        for task in list(self.tasks) + ([self.window["task"]] if self.window else []):
+        for task in list(self.tasks) + list(self.claimed):
             if keep:
                 slot = self.tasks.get(task)
                 if slot is not None:
@@ -492,7 +534,7 @@ class Agent:
             except FileNotFoundError:
                 pass
         self.live.stop_reading()
-        if keep and (self.tasks or self.window):
+        if keep and (self.tasks or self.claimed):
             self.live.items.put(("suspend",))
         else:
             try:
@@ -500,6 +542,7 @@ class Agent:
             except Exception:               # noqa: BLE001 - never loaded, or already gone
                 pass
             self.state_path.unlink(missing_ok=True)
+        self.claims.close()
         flows = self.live.finish()
         if self.gate is not None:
             self.gate.stop()

@@ -91,11 +91,7 @@ class _Served:
             return None
         sock = self.diag.find("tcp" if proto == 6 else "udp", src, sport, dst, dport)
         info = holder(sock.inode, self.root[0]) if sock is not None else None
-        if info is None:
-            return None
-        from egress.records import ProcessInfo
-        return ProcessInfo(pid=info.pid, ppid=info.ppid, uid=info.uid, exe=info.exe,
-                           cmdline=" ".join(info.cmdline))
+        return info.record() if info is not None else None
 
     def _verdict(self, packet_id, accept, mark) -> None:
         """The verdict's value in our bits; other tools' bits as the packet had them."""

@@ -59,7 +59,7 @@ def _task_rules(who: list[str], queue: int, mask: int, audit: bool) -> list[list
             [*common, "-p", "udp", *queue_to]]
 
 
-def _tool(family: int) -> str:
+def tool(family: int) -> str:
     return "iptables-nft" if family == 4 else "ip6tables-nft"
 
 
@@ -72,27 +72,32 @@ def _owner(kind: str, value) -> list[str]:
     return ["!", "-o", "lo", *match]
 
 
-def _load(chain: str, hook: str, rules: list[list[str]]) -> None:
-    """The user chain and its jump from ``hook`` (once per family), then ``rules``."""
+def ensure_chain(chain: str, hook: str) -> None:
+    """The user chain and its jump from ``hook``, once per family."""
     for family in (4, 6):
-        tool = _tool(family)
-        if subprocess.run([tool, "-t", "mangle", "-L", chain, "-n"],
+        t = tool(family)
+        if subprocess.run([t, "-t", "mangle", "-L", chain, "-n"],
                           capture_output=True).returncode != 0:
-            sh(tool, "-t", "mangle", "-N", chain)
-        if subprocess.run([tool, "-t", "mangle", "-C", hook, "-j", chain],
+            sh(t, "-t", "mangle", "-N", chain)
+        if subprocess.run([t, "-t", "mangle", "-C", hook, "-j", chain],
                           capture_output=True).returncode != 0:
-            sh(tool, "-t", "mangle", "-I", hook, "1", "-j", chain)
+            sh(t, "-t", "mangle", "-I", hook, "1", "-j", chain)
+
+
+def _load(chain: str, hook: str, rules: list[list[str]]) -> None:
+    ensure_chain(chain, hook)
+    for family in (4, 6):
         for rule in rules:
-            sh(tool, "-t", "mangle", "-A", chain, *rule)
+            sh(tool(family), "-t", "mangle", "-A", chain, *rule)
 
 
-def _unload(chain: str, rules: list[list[str]]) -> list[str]:
+def unload(chain: str, rules: list[list[str]]) -> list[str]:
     """``rules`` out of ``chain``; the chain and its jump stay for other tasks."""
     problems = []
     for family in (4, 6):
         for rule in rules:
             try:
-                sh(_tool(family), "-t", "mangle", "-D", chain, *rule)
+                sh(tool(family), "-t", "mangle", "-D", chain, *rule)
             except NetError as e:
                 problems.append(str(e))
     return problems
@@ -104,7 +109,7 @@ def add(host_if: str, queue: int, mask: int, audit: bool) -> None:
 
 
 def remove(host_if: str, queue: int, mask: int, audit: bool) -> list[str]:
-    return _unload(CHAIN, _task_rules(["-i", host_if], queue, mask, audit))
+    return unload(CHAIN, _task_rules(["-i", host_if], queue, mask, audit))
 
 
 def add_local(kind: str, value, queue: int, mask: int, audit: bool) -> None:
@@ -113,7 +118,7 @@ def add_local(kind: str, value, queue: int, mask: int, audit: bool) -> None:
 
 
 def remove_local(kind: str, value, queue: int, mask: int, audit: bool) -> list[str]:
-    return _unload(LOCAL_CHAIN, _task_rules(_owner(kind, value), queue, mask, audit))
+    return unload(LOCAL_CHAIN, _task_rules(_owner(kind, value), queue, mask, audit))
 
 
 def post_gate(mask: int, hook: str = "forward") -> str:

@@ -48,9 +48,9 @@ class LiveRecorder:
         self.opts, self.net, self.recorder = opts, net, recorder
         self.task_init, self.on_record = task_init, on_record
         self.purposes, self.label_prefix = purposes, label_prefix
-        self.unclaimed: Callable[[], str] = lambda: ""
-        """The task a flow no task's socket claims goes to ("" untagged): the agent's single
-        task attributed by time window, while it runs."""
+        self.claim: Callable[[tuple], str] = lambda key: ""
+        """The task of a flow no task's socket claims, by its (proto, src, sport, dst, dport);
+        "" untagged. The agent's tasks by process tree, or its task by time window."""
         self.nets = [ipaddress.ip_network(net.net4), ipaddress.ip_network(net.net6)]
         self.own_resolvers = {a for a in (net.host4, net.host6) if a}
         self.items: queue.Queue = queue.Queue()
@@ -94,7 +94,7 @@ class LiveRecorder:
                 if self.label_prefix is not None:
                     label = packet.prefix[len(self.label_prefix):] \
                         if packet.prefix.startswith(self.label_prefix) else ""
-                    item += (label or self.unclaimed(),)
+                    item += (label,)
                 self.items.put(item)
             if not got and self._stop.is_set():
                 return
@@ -127,7 +127,8 @@ class LiveRecorder:
         who = Attribution(task=opts.task, local=self.nets)
         owners = self.owners = Owners(net.netns_path, self.task_init, self.nets) \
             if net.netns_path or getattr(net, "host", False) else None
-        source = LiveSource(self.items, who, owners=owners)
+        source = LiveSource(self.items, who, owners=owners,
+                            claim=lambda key: self.claim(key))
         try:
             self._judged["flows"] = replay(
                 source, opts.purpose, purposes=self.purposes, task=opts.task, mode=opts.mode,

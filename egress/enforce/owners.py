@@ -118,6 +118,12 @@ class ProcessInfo:
     ns_pid: int | None = None           # the pid inside the task's PID namespace
     holders: tuple[int, ...] = ()       # every pid holding the socket (fork shares fds)
 
+    def record(self):
+        """As the flow record's ``process`` (the contract's ProcessInfo)."""
+        from egress.records import ProcessInfo as Recorded
+        return Recorded(pid=self.pid, ppid=self.ppid, uid=self.uid, exe=self.exe,
+                        cmdline=" ".join(self.cmdline))
+
 
 # ------------------------------------------------------------------ messages
 
@@ -417,6 +423,30 @@ def _stat(pid: int) -> tuple[int, int] | None:
     fields = raw[raw.rfind(b")") + 2:].split()
     # fields[0] is field 3 (state): ppid is field 4, starttime field 22
     return int(fields[1]), int(fields[19])
+
+
+def uid_of(pid: int) -> int | None:
+    """The real uid of a process, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def descends(pid: int, root: int, depth: int = 64) -> bool:
+    """``pid`` is ``root`` or one of its descendants now (its parents, up the tree)."""
+    while depth and pid > 1:
+        if pid == root:
+            return True
+        got = _stat(pid)
+        if got is None:
+            return False
+        pid, depth = got[0], depth - 1
+    return pid == root
 
 
 def children(pid: int) -> list[int]:

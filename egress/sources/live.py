@@ -56,10 +56,13 @@ class LiveSource(CaptureSource):
     sweeps = False
 
     def __init__(self, items: "queue.Queue", attribution, *, owners: "Owners | None" = None,
-                 **kw):
+                 claim=None, **kw):
+        """``claim(key)``: the task of a flow logged untagged (a shared host's socket no
+        task's rule claimed), by its (proto, src, sport, dst, dport); "" for none."""
         super().__init__([], attribution, **kw)
         self.items = items
         self.owners = owners
+        self.claim = claim
         self._watched: dict = {}            # flow -> watch entries at its last judgment
         self._labels: dict = {}
         """flow -> its task on a shared host: the NFLOG prefix of its first logged packet
@@ -111,7 +114,7 @@ class LiveSource(CaptureSource):
                 flow = self._flow_of(payload)         # the flow the packet went to, once
                 if flow is not None:
                     if label and flow not in self._labels:
-                        self._labels[flow] = label[0] or None
+                        self._labels[flow] = label[0] or self._claimed(flow)
                     self._watch(flow)
                 continue
             if item[0] == "binding":
@@ -174,6 +177,12 @@ class LiveSource(CaptureSource):
             self._resumed[flow] = stored
         self._account(dataclasses.replace(event, kind="entry", start_ns=None))
 
+    def _claimed(self, flow) -> str | None:
+        if self.claim is None:
+            return None
+        return self.claim((flow.proto, self._addr(flow.src), flow.sport, self._addr(flow.dst),
+                           flow.dport)) or None
+
     def _flow_of(self, payload: bytes):
         """The open flow a logged packet belongs to (either direction), or None."""
         key = _packed_tuple(payload)
@@ -189,6 +198,8 @@ class LiveSource(CaptureSource):
                 packets_out=max(flow.pkts_o, stored.packets_out),
                 packets_in=max(flow.pkts_r, stored.packets_in),
                 verdict=None, decided_at=None, action=None)
+        if flow in self._labels and self._labels[flow] is None:
+            self._labels[flow] = self._claimed(flow)    # found after its first packet was read
         record = super()._record(flow)
         if flow in self._labels:
             record.task = self._labels[flow]
@@ -261,9 +272,7 @@ class Owners:
         if info is None:
             self.misses += 1
             return
-        from egress.records import ProcessInfo
-        self.found[key[:5]] = ProcessInfo(pid=info.pid, ppid=info.ppid, uid=info.uid,
-                                          exe=info.exe, cmdline=" ".join(info.cmdline))
+        self.found[key[:5]] = info.record()
 
     def add(self, key: tuple, info) -> None:
         """An owner found elsewhere (the gate, for a first packet it refused)."""

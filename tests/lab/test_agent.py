@@ -185,3 +185,40 @@ def test_two_tasks_told_apart_by_their_cgroups(lab):
              if f.get("kind") == "flow" and f["dport"] == 443}
     assert flows == {("c1", "203.0.113.10", "allow"), ("c2", "203.0.113.20", "allow"),
                      ("c2", "203.0.113.10", "block")}
+
+
+def test_a_task_by_process_tree_takes_its_descendants_flows_only(lab):
+    """Two shells of the same ordinary user: the task is one of them and what it starts;
+    the other's flows stay untagged. Recorded and judged in audit mode."""
+    lab.start_https("other.lab", "203.0.113.20")
+    marker = lab.shared_dir() / "go"
+    sock, db = lab.dir / "agent.sock", lab.dir / "egress.db"
+    agent = lab.spawn("host", EGRESS, "agent", "--socket", sock, "--db", db, log="agent.log")
+    lab.wait_log("agent.log", "listening on")
+    shells = [lab.spawn("host", "setpriv", "--reuid", str(STRANGER), "--regid", str(STRANGER),
+                        "--clear-groups", "sh", "-c",
+                        f"while [ ! -e {marker} ]; do sleep 0.1; done; curl -sk --max-time 3 "
+                        f"-o /dev/null https://203.0.113.20/{name}", log=f"{name}.log")
+              for name in ("tree", "other")]
+    purpose = lab.dir / "p.toml"
+    purpose.write_text(PURPOSE.format(purpose="by pid", task="p1", mode="enforce",
+                                      host="pypi.lab"))
+    started = lab.host(EGRESS, "task", "start", "p1", "--purpose", purpose, "--pid",
+                       str(shells[0].pid), "--socket", sock)
+    assert f"task p1 started: pid:{shells[0].pid}, audit" in started.stdout
+    root = lab.host(EGRESS, "task", "start", "p2", "--purpose", purpose, "--pid", "1",
+                    "--socket", sock, check=False)
+    assert root.returncode == 1 and "runs as uid 0" in root.stderr
+    marker.touch()
+    assert [s.wait(timeout=30) for s in shells] == [0, 0]
+    lab.host(EGRESS, "task", "stop", "p1", "--socket", sock)
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=60) == 0, (lab.dir / "agent.log").read_text()
+    audit = subprocess.run([EGRESS, "audit", "--json", "--db", str(db)], capture_output=True,
+                           text=True)
+    flows = [json.loads(line) for line in audit.stdout.splitlines()]
+    flows = [f for f in flows if f.get("kind") == "flow" and f["dport"] == 443]
+    assert sorted((str(f["task"]), f["verdict"]) for f in flows) == [("None", "flag"),
+                                                                      ("p1", "flag")], (lab.dir / "agent.log").read_text()
+    (mine,) = [f for f in flows if f["task"] == "p1"]
+    assert mine["process"]["exe"] == "/usr/bin/curl" and "/tree" in mine["process"]["cmdline"]
