@@ -31,8 +31,8 @@ def curl(lab, uid: int, url: str) -> str:
                     url, check=False).stdout
 
 
-BOUNDED = ["setpriv", "--bounding-set", "-all,+net_admin,+net_bind_service",
-           "--inh-caps", "-all"]
+BOUNDED = ["setpriv", "--bounding-set",
+           "-all,+net_admin,+net_bind_service,+sys_ptrace,+dac_read_search", "--inh-caps", "-all"]
 """The capabilities examples/systemd/egress-agent.service gives the agent, and no others."""
 
 
@@ -89,7 +89,8 @@ def test_the_systemd_unit_verifies(tmp_path):
     unit = Path(__file__).parents[2] / "examples" / "systemd" / "egress-agent.service"
     text = unit.read_text()
     bounding = re.search(r"^CapabilityBoundingSet=(.*)$", text, re.M).group(1).split()
-    assert bounding == ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"]
+    assert bounding == ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE", "CAP_SYS_PTRACE",
+                        "CAP_DAC_READ_SEARCH"]
     assert [f"+{c[4:].lower()}" for c in bounding] == BOUNDED[2].split(",")[1:]
     local = tmp_path / "egress-agent.service"
     local.write_text(text.replace("/usr/local/bin/egress", EGRESS))

@@ -13,7 +13,9 @@ import subprocess
 import time
 import tomllib
 
-from tests.lab.test_agent import EGRESS
+import pytest
+
+from tests.lab.test_agent import BOUNDED, EGRESS
 from tests.lab.test_egress_cases import wheel
 from tests.lab.test_incident_live import LOGIN, SSH
 
@@ -36,8 +38,8 @@ def as_task(lab, script: str, timeout: float = 60) -> subprocess.CompletedProces
                     "env", "HOME=/tmp", "sh", "-c", script, timeout=timeout, check=False)
 
 
-def start_agent(lab, sock, db, log: str):
-    agent = lab.spawn("host", EGRESS, "agent", "--socket", sock, "--db", db, log=log)
+def start_agent(lab, sock, db, log: str, limits=()):
+    agent = lab.spawn("host", *limits, EGRESS, "agent", "--socket", sock, "--db", db, log=log)
     lab.wait_log(log, "listening on", timeout=30)
     return agent
 
@@ -61,7 +63,8 @@ def wait_for(check, timeout: float = 20):
         time.sleep(0.3)
 
 
-def test_learn_apply_rerun_under_the_agent(lab):
+@pytest.mark.parametrize("limits", [[], BOUNDED], ids=["root", "unit-capabilities"])
+def test_learn_apply_rerun_under_the_agent(lab, limits):
     www = lab.dir / "www"
     wheel(www)
     lab.start_dns({"pypi.lab": "203.0.113.10", "relay.lab": "198.51.100.7"})
@@ -76,7 +79,7 @@ def test_learn_apply_rerun_under_the_agent(lab):
               f">pip-$$.log 2>&1 && echo pip-ok || cat pip-$$.log; curl -s --cacert {ca} -o /dev/null "
               "-w '%{http_code}\\n' https://pypi.lab/simple/labpkg/")
     sock, db = lab.dir / "agent.sock", lab.dir / "egress.db"
-    agent = start_agent(lab, sock, db, "agent.log")
+    agent = start_agent(lab, sock, db, "agent.log", limits)
 
     permissive = lab.dir / "permissive.toml"
     permissive.write_text(PERMISSIVE)
