@@ -49,6 +49,7 @@ def agent(ctx, db_url, no_store, mode, group, end_tasks_on_exit, socket_path) ->
     from db.background import BackgroundRecorder, WriterError
     from egress.enforce.agent import Agent, AgentError, AgentOptions
     from egress.enforce.nft import NftError
+    from egress.enforce.tasknet import agent_numbers
     from egress.records import Mode
     from egress.enforce.doctor import CAP_NET_ADMIN, capabilities
     if not capabilities(Path("/proc/self/status").read_text()) >> CAP_NET_ADMIN & 1:
@@ -59,10 +60,11 @@ def agent(ctx, db_url, no_store, mode, group, end_tasks_on_exit, socket_path) ->
         gid = grp.getgrnam(group).gr_gid if group else None
     except KeyError:
         raise Failure(f"--group: no group {group!r}") from None
+    group, queue = agent_numbers(cfg.netfilter.log_group, cfg.netfilter.queue)
     opts = AgentOptions(socket=Path(socket_path), mode=Mode(mode) if mode else None,
                         upstream=(cfg.resolver.upstream[0], 53) if cfg.resolver.upstream
                         else None, min_ttl=cfg.resolver.min_ttl,
-                        nflog_group=cfg.netfilter.log_group, mark_mask=cfg.netfilter.mark_mask,
+                        nflog_group=group, queue=queue, mark_mask=cfg.netfilter.mark_mask,
                         first_packets=cfg.netfilter.first_packets or 64, group=gid,
                         end_tasks_on_exit=end_tasks_on_exit)
     recorder = None

@@ -62,15 +62,17 @@ class AgentOptions:
     """The least mode for every task (the command line may tighten a task's, never loosen)."""
     upstream: tuple[str, int] | None = None
     min_ttl: int = 30
-    nflog_group: int = 7
+    nflog_group: int = 2055
+    """tasknet.agent_numbers: after every run's groups."""
     first_packets: int = 64
     mark_mask: int = 0x00F00000
     interim_s: int = 60
     deadman_s: int = 5
     group: int | None = None
     """A group whose members may use the socket besides root."""
-    queue: int = 1024
-    """NFQUEUE numbers: a task's gate reads ``queue + its label``."""
+    queue: int = 1027
+    """NFQUEUE numbers: a task's gate reads ``queue + its label`` (tasknet.agent_numbers:
+    after every run's)."""
     end_tasks_on_exit: bool = False
     """End every task when the agent stops, instead of leaving them for the next agent."""
     read_back: object | None = None

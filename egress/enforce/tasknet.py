@@ -219,6 +219,17 @@ def _uplink_sysctls(uplink: str) -> list[tuple[str, str]]:
     return out
 
 
+RUNS = 1024
+"""Runs at once on a host: each takes a pair of NFLOG groups and a queue from the
+configured bases; the host agent's numbers come after all of theirs (``agent_numbers``)."""
+
+
+def agent_numbers(nflog_base: int, queue_base: int) -> tuple[int, int]:
+    """(NFLOG group, first queue) of the host agent, beyond any run's, so the agent and
+    runs share a host without sharing a group or a queue."""
+    return nflog_base + 2 * RUNS, queue_base + RUNS
+
+
 def create(task: str, pool4: str = DEFAULT_POOL4, pool6: str = DEFAULT_POOL6,
            uplink: str | None = None, nflog_base: int = 7, queue_base: int = 3) -> TaskNet:
     """The task's namespace, veth, addresses, routes, forwarding and NAT; and a pair of
@@ -234,10 +245,10 @@ def create(task: str, pool4: str = DEFAULT_POOL4, pool6: str = DEFAULT_POOL6,
                       net6=pick_subnet(pool6, 64, taken), auditor_pid=os.getpid(),
                       host_netns=me, auditor_start=start_ticks(os.getpid()) or 0)
         used = {r.nflog_group for r in others}
-        net.nflog_group = next(g for g in range(nflog_base, nflog_base + 2 * 1024, 2)
+        net.nflog_group = next(g for g in range(nflog_base, nflog_base + 2 * RUNS, 2)
                                if g not in used)
         queues = {r.queue for r in others}
-        net.queue = next(q for q in range(queue_base, queue_base + 1024) if q not in queues)
+        net.queue = next(q for q in range(queue_base, queue_base + RUNS) if q not in queues)
         net.save()
         try:
             _build(net, others)

@@ -169,3 +169,42 @@ def test_a_restarted_agent_picks_an_open_flow_up_as_the_same_flow(lab):
     # conntrack's counters cover the whole connection, before and after the restart
     assert flow["bytes_out"] > interim[0]["bytes_out"], (flow, interim)
     assert not (lab.dir / "agent.state.json").exists()       # no task left to take back
+
+
+def test_the_agent_and_egress_run_share_a_host_without_touching_each_other(lab):
+    """An agent task by uid and an `egress run` task at once, on the lab's host: each is
+    enforced by its own purpose while the other runs, and after the run has gone, the
+    agent's task is enforced as before (the run removed only its own rules)."""
+    lab.start_dns({"pypi.lab": "203.0.113.10", "other.lab": "203.0.113.20"})
+    lab.start_https("pypi.lab", "203.0.113.10")
+    lab.start_https("other.lab", "203.0.113.20")
+    sock, db = lab.dir / "agent.sock", lab.dir / "egress.db"
+    agent = start_agent(lab, sock, db, "agent.log")
+    mine = lab.dir / "agent-task.toml"
+    mine.write_text('version = 1\npurpose = "the index"\ntask = "a1"\nmode = "enforce"\n\n'
+                    '[[allow]]\nhost = "pypi.lab"\n')
+    task(lab, sock, "start", "a1", "--purpose", mine, "--uid", str(UID))
+    theirs = lab.dir / "run-task.toml"
+    theirs.write_text('version = 1\npurpose = "the mirror"\ntask = "r1"\nmode = "enforce"\n\n'
+                      '[[allow]]\nhost = "other.lab"\n')
+    curl = "curl -sk --max-time 3 -o /dev/null -w '%{http_code}\\n'"
+    run = lab.spawn("host", EGRESS, "run", "--task", "r1", "--purpose", theirs, "--db",
+                    lab.dir / "run.db", "--", "sh", "-c",
+                    f"{curl} https://other.lab/; sleep 3; {curl} https://203.0.113.10/; true",
+                    log="run.log")
+    lab.wait_log("run.log", "200", timeout=30)               # the run's task is up
+    during = as_task(lab, f"{curl} https://pypi.lab/; {curl} https://203.0.113.20/")
+    assert run.wait(timeout=60) == 0, (lab.dir / "run.log").read_text()
+    after = as_task(lab, f"{curl} https://pypi.lab/; {curl} https://203.0.113.20/")
+    task(lab, sock, "stop", "a1")
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=60) == 0, (lab.dir / "agent.log").read_text()
+
+    assert during.stdout.split() == ["200", "000"], during
+    assert after.stdout.split() == ["200", "000"], after
+    assert (lab.dir / "run.log").read_text().split()[:2] == ["200", "000"]
+    verdicts = {(f["dst"], f["verdict"]) for f in flows_of(db, "a1") if f["dport"] == 443}
+    assert verdicts == {("203.0.113.10", "allow"), ("203.0.113.20", "block")}, verdicts
+    ran = {(f["dst"], f["verdict"]) for f in flows_of(lab.dir / "run.db", "r1")
+           if f["dport"] == 443}
+    assert ran == {("203.0.113.20", "allow"), ("203.0.113.10", "block")}, ran
