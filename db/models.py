@@ -171,3 +171,32 @@ class DnsBinding(Base):
     resolver_port: Mapped[int | None] = mapped_column(Integer)  # revision 0002
 
     __table_args__ = (Index("ix_dns_bindings_task_address_time", "task", "address", "time"),)
+
+
+class LedgerEntry(Base):
+    """One entry of a host's hash chain (db.ledger): a written row, or a prune's anchor.
+
+    ``hash`` is SHA-256 of the entry's canonical header (host, seq, prev, time, op,
+    the row's table and id, task, key id and ``digest``, the SHA-256 of the row's
+    canonical encoding); ``mac`` is HMAC-SHA256 of ``hash`` under the task's key.
+    """
+
+    __tablename__ = "ledger"
+
+    host: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    time: Mapped[int] = mapped_column(BigInteger)
+    op: Mapped[str] = mapped_column(WORD)
+    row_table: Mapped[str | None] = mapped_column(String(32))
+    row_id: Mapped[str | None] = mapped_column(String(64))
+    task: Mapped[str | None] = mapped_column(TASK_ID)
+    key_id: Mapped[str] = mapped_column(String(32))
+    digest: Mapped[str] = mapped_column(String(64))
+    prev: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(64))
+    note: Mapped[str | None] = mapped_column(Text)
+    """The canonical record itself, for entries that stand for no row (a prune)."""
+
+    __table_args__ = (CheckConstraint("op IN ('insert', 'update', 'carry', 'prune')",
+                                      name="op"),)

@@ -13,9 +13,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from egress.records import FlowRecord, RecordError, TaskEvent
 from tagging.manifest import Purpose, check_task_id
-from db import mapping, migrate, models, queries
+from db import ledger as ledger_mod, mapping, migrate, models, queries
 from db.engine import describe, make_engine
 from db.errors import StoreError
+from db.ledger import Item, Ledger
+from db.ledgerkeys import LedgerKeyError
 from db.mapping import CaptureRun, Task
 from egress.records import NameBinding
 from db.queries import FlowFilter
@@ -34,13 +36,19 @@ def _chunks(items: list, size: int = CHUNK) -> Iterator[list]:
 class Store:
     """A database at the current schema. One session per call, or per ``session()`` block."""
 
-    def __init__(self, engine: Engine):
-        """Use ``Store.open``; this assumes the schema is already at head."""
+    def __init__(self, engine: Engine, ledger: Ledger | None = None):
+        """Use ``Store.open``; this assumes the schema is already at head.
+
+        Every row written is appended to ``ledger``'s chain (by default this host's,
+        signed with the default key file, made on the first write).
+        """
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self.ledger = ledger or Ledger()
+        self._ledger_on = ledger_mod.enabled()
 
     @classmethod
-    def open(cls, url: str) -> "Store":
+    def open(cls, url: str, ledger: Ledger | None = None) -> "Store":
         """Connect and migrate to head; StoreError if that fails or the database is newer."""
         try:
             engine = make_engine(url)
@@ -53,7 +61,7 @@ class Store:
         except BaseException:
             engine.dispose()
             raise
-        return cls(engine)
+        return cls(engine, ledger)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -77,6 +85,21 @@ class Store:
                 yield session
         except SQLAlchemyError as e:
             raise StoreError(f"database: {migrate.one_line(e)}") from e
+        except LedgerKeyError as e:
+            raise StoreError(str(e)) from None
+
+    def _append(self, s: Session, items: list[Item]) -> None:
+        """Append the rows just written to the ledger, in the same transaction."""
+        if self._ledger_on and items:
+            self.ledger.append(s, items)
+
+    @staticmethod
+    def _items(table, rows: list[dict], ids: list, tasks: list | None = None) -> list[Item]:
+        """Ledger items of inserted rows (their tasks given, or each row's own)."""
+        name = table.name
+        return [Item.of_row(name, dict(row, id=i),
+                            tasks[n] if tasks is not None else ledger_mod.task_of(name, row))
+                for n, (row, i) in enumerate(zip(rows, ids))]
 
     # ------------------------------------------------------------ capture runs
 
@@ -87,17 +110,25 @@ class Store:
         row = {"kind": kind, "sources": mapping.dumps(list(sources)), "started": started,
                "version": version}
         with self.session() as s:
-            return s.execute(insert(models.CaptureRun).returning(models.CaptureRun.id),
-                             [row]).scalar_one()
+            run_id = s.execute(insert(models.CaptureRun).returning(models.CaptureRun.id),
+                               [row]).scalar_one()
+            self._append(s, self._items(models.CaptureRun.__table__, [row], [run_id]))
+            return run_id
 
     def finish_capture_run(self, run_id: int, ended: int, counters: dict) -> None:
         """Record a run's end and its counters (packets, flows, malformed, lost...)."""
-        table = models.CaptureRun.__table__
+        self._update(models.CaptureRun.__table__, run_id, f"no capture run {run_id} in the store",
+                     ended=ended, counters=mapping.dumps(counters))
+
+    def _update(self, table, row_id, missing: str, **values) -> None:
+        """Set a row's mutable columns (db.ledger.MUTABLE) and append the change."""
         with self.session() as s:
-            done = s.execute(update(table).where(table.c.id == run_id)
-                             .values(ended=ended, counters=mapping.dumps(counters)))
+            done = s.execute(update(table).where(table.c.id == row_id).values(**values))
             if done.rowcount != 1:
-                raise StoreError(f"no capture run {run_id} in the store")
+                raise StoreError(missing)
+            row = dict(values, id=row_id)
+            self._append(s, [Item.of_row(table.name, row, ledger_mod.task_of(table.name, row),
+                                         op="update")])
 
     def capture_run(self, run_id: int) -> CaptureRun | None:
         table = models.CaptureRun.__table__
@@ -127,17 +158,16 @@ class Store:
                 if not same:
                     raise StoreError(f"task {task_id} is already in the store with another purpose")
                 return
-            s.add(models.Task(id=task_id, purpose=purpose.purpose,
-                              mode=str(mode or purpose.mode), sha256=purpose.sha256,
-                              expanded=expanded, started=started, ended=None,
-                              capture_run_id=capture_run_id))
+            row = {"id": task_id, "purpose": purpose.purpose, "mode": str(mode or purpose.mode),
+                   "sha256": purpose.sha256, "expanded": expanded, "started": started,
+                   "ended": None, "capture_run_id": capture_run_id}
+            s.add(models.Task(**row))
+            s.flush()
+            self._append(s, self._items(models.Task.__table__, [row], [task_id]))
 
     def end_task(self, task_id: str, ended: int) -> None:
-        table = models.Task.__table__
-        with self.session() as s:
-            done = s.execute(update(table).where(table.c.id == task_id).values(ended=ended))
-            if done.rowcount != 1:
-                raise StoreError(f"no task {task_id} in the store")
+        self._update(models.Task.__table__, task_id, f"no task {task_id} in the store",
+                     ended=ended)
 
     def task(self, task_id: str) -> Task | None:
         table = models.Task.__table__
@@ -182,18 +212,28 @@ class Store:
                 s.execute(update(flow_table)
                           .where(flow_table.c.flow_id.in_(chunk), flow_table.c.latest.is_(True))
                           .values(latest=False))
-            findings = []
-            findings += self._insert_owners(s, flow_table, flows, "flow_row")
-            findings += self._insert_owners(s, event_table, events, "task_event_row")
-            if findings:
-                s.execute(insert(models.Finding.__table__), findings)
+            items: list[Item] = []
+            findings: list[dict] = []
+            owners: list[str | None] = []
+            for table, rows, owner in ((flow_table, flows, "flow_row"),
+                                       (event_table, events, "task_event_row")):
+                values = [row for row, _ in rows]
+                ids = self._insert(s, table, values)
+                items += self._items(table, values, ids)
+                for row_id, (row, obj) in zip(ids, rows):
+                    mine = mapping.finding_rows(obj, owner, row_id)
+                    findings += mine
+                    owners += [row["task"]] * len(mine)
+            finding_table = models.Finding.__table__
+            items += self._items(finding_table, findings,
+                                 self._insert(s, finding_table, findings), owners)
+            self._append(s, items)
 
     @staticmethod
-    def _insert_owners(s: Session, table, rows: list[tuple[dict, dict]], owner: str) -> list[dict]:
-        """Insert flow or event rows; return the findings rows pointing at their new ids."""
-        if not rows:
+    def _insert(s: Session, table, values: list[dict]) -> list[int]:
+        """Insert rows in one statement; their new ids, in order."""
+        if not values:
             return []
-        values = [row for row, _ in rows]
         if s.get_bind().dialect.name == "postgresql":
             # psycopg parses a multi-row RETURNING statement in Python, several times slower
             # than drawing ids from the sequence and inserting them by plain executemany.
@@ -202,11 +242,9 @@ class Store:
                                    .select_from(func.generate_series(1, len(values))))
                          .scalars().all())
             s.execute(insert(table), [dict(row, id=i) for row, i in zip(values, ids)])
-        else:
-            ids = s.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True),
-                            values).scalars().all()
-        return [f for row_id, (_, obj) in zip(ids, rows)
-                for f in mapping.finding_rows(obj, owner, row_id)]
+            return ids
+        return s.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True),
+                         values).scalars().all()
 
     def flows(self, filt: FlowFilter = FlowFilter()) -> list[FlowRecord]:
         """The latest record of each matching flow, by start then flow_id."""
@@ -259,8 +297,9 @@ class Store:
         except RecordError as e:
             raise StoreError(f"cannot write a DNS binding: {e}") from None
         if values:
+            table = models.DnsBinding.__table__
             with self.session() as s:
-                s.execute(insert(models.DnsBinding.__table__), values)
+                self._append(s, self._items(table, values, self._insert(s, table, values)))
 
     def bindings_for(self, task: str | None, address: str, before: int,
                      limit: int = 5) -> list[NameBinding]:

@@ -1,0 +1,167 @@
+"""The ledger: each row the store writes is appended, in the same transaction, to a hash chain.
+
+One chain per host (``host``, ``seq`` from 1). An entry stands for one written
+row (``insert``), a change to a row's mutable columns (``update``), a row
+re-attested by a prune (``carry``), or a prune itself (``prune``, its record in
+``note``). Its fields:
+
+- ``digest``: SHA-256 of the row's canonical encoding (RFC 8785, db.canonical)
+  as the store holds it, the columns of ``COVERED`` (``MUTABLE`` ones for an update);
+- ``hash``: SHA-256 of the canonical header: host, seq, prev (the previous
+  entry's hash, 64 zeros for the first), time, op, table, row, task, key, digest;
+- ``mac``: HMAC-SHA256 of the hash's bytes under the task's key (db.ledgerkeys).
+
+So the chain can be walked without the rows, each row is checked against its
+entries, and an entry cannot be made without the key. ``flows.latest`` is not
+hashed: it is derived (a flow's newest row), and ``egress verify`` checks the rule.
+
+Writers serialize per host: on PostgreSQL an advisory lock of the host's chain,
+held to the end of the transaction; on SQLite the transaction's write lock, which
+the rows written before ``append`` already hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from dataclasses import dataclass
+from functools import cache
+from typing import Mapping
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from db import models
+from db.canonical import canonical
+from db.ledgerkeys import KeyRing
+
+GENESIS = "0" * 64
+"""The ``prev`` of a chain's first entry."""
+HOST_ENV = "EGRESS_HOST_ID"
+OFF_ENV = "EGRESS_LEDGER"
+"""``EGRESS_LEDGER=off`` writes no entries: for measuring the ledger's cost only; every
+row written so is named by ``egress verify`` as having no entry."""
+
+TABLES = ("capture_runs", "tasks", "flows", "task_events", "findings", "dns_bindings")
+"""Every table whose rows the ledger covers, in the order verify reads them."""
+MUTABLE = {"tasks": ("ended",), "capture_runs": ("ended", "counters")}
+"""Columns a later write may set (null until then); covered by ``update`` entries."""
+DERIVED = {"flows": ("latest",)}
+"""Columns not hashed because a rule over the other rows gives them."""
+
+
+@cache
+def covered(table: str) -> tuple[str, ...]:
+    """The columns an insert (or carry) entry of the table covers."""
+    skip = set(MUTABLE.get(table, ())) | set(DERIVED.get(table, ()))
+    return tuple(c.name for c in models.Base.metadata.tables[table].c if c.name not in skip)
+
+
+def record(table: str, row: Mapping, op: str = "insert") -> dict:
+    """The part of a row an entry covers (missing columns are null, as the store has them)."""
+    names = MUTABLE[table] if op == "update" else covered(table)
+    return {name: row.get(name) for name in names}
+
+
+def digest(rec: dict) -> str:
+    return hashlib.sha256(canonical(rec)).hexdigest()
+
+
+def entry_hash(host: str, seq: int, prev: str, time_us: int, op: str, table: str | None,
+               row: str | None, task: str | None, key: str, dig: str) -> str:
+    """The entry's hash: SHA-256 of its canonical header."""
+    header = {"host": host, "seq": seq, "prev": prev, "time": time_us, "op": op,
+              "table": table, "row": row, "task": task, "key": key, "digest": dig}
+    return hashlib.sha256(canonical(header)).hexdigest()
+
+
+def default_host() -> str:
+    """$EGRESS_HOST_ID, else the host name: one chain per host."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
+
+
+def enabled() -> bool:
+    return os.environ.get(OFF_ENV, "").lower() != "off"
+
+
+@dataclass(frozen=True)
+class Item:
+    """What to append: one row written (or changed), or a prune."""
+
+    op: str
+    table: str | None
+    row: str | None
+    task: str | None
+    digest: str
+    note: str | None = None
+
+    @classmethod
+    def of_row(cls, table: str, row: Mapping, task: str | None, op: str = "insert") -> "Item":
+        """The entry of a row as written (``row`` includes its id), signed with ``task``'s key."""
+        return cls(op, table, str(row["id"]), task, digest(record(table, row, op)))
+
+
+def task_of(table: str, row: Mapping) -> str | None:
+    """The task whose key signs a row's entries (a finding's is its owner's: give that)."""
+    return row["id"] if table == "tasks" else row.get("task")
+
+
+def _lock_key(host: str) -> int:
+    return int.from_bytes(hashlib.sha256(b"egress-ledger\0" + host.encode()).digest()[:8],
+                          "big", signed=True)
+
+
+def lock_chain(s: Session, host: str) -> None:
+    """Serialize appends to a host's chain until the transaction ends (PostgreSQL; SQLite's
+    write lock already does it)."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(select(func.pg_advisory_xact_lock(_lock_key(host))))
+
+
+def head(s: Session, host: str) -> tuple[int, str, int]:
+    """(seq, hash, time) of a chain's last entry; (0, GENESIS, 0) for none."""
+    e = models.LedgerEntry
+    got = s.execute(select(e.seq, e.hash, e.time).where(e.host == host)
+                    .order_by(e.seq.desc()).limit(1)).first()
+    return (0, GENESIS, 0) if got is None else tuple(got)
+
+
+class Ledger:
+    """Appends entries for one host, signed with the key ring's current key."""
+
+    def __init__(self, keys: KeyRing | None = None, host: str | None = None):
+        """Without ``keys``, the default key file is read (made on first use) at the first append."""
+        self._keys = keys
+        self.host = host or default_host()
+
+    @property
+    def keys(self) -> KeyRing:
+        if self._keys is None:
+            self._keys = KeyRing.load(create=True)
+        return self._keys
+
+    def append(self, s: Session, items: list[Item], host: str | None = None) -> int:
+        """Append to the chain in the session's transaction (after its rows are written);
+        returns the new head's seq."""
+        host = host or self.host
+        keys = self.keys
+        lock_chain(s, host)
+        seq, prev, last = head(s, host)
+        if not items:
+            return seq
+        now = max(time.time_ns() // 1000, last)    # a chain's times never go back
+        key = keys.current
+        rows = []
+        for item in items:
+            seq += 1
+            h = entry_hash(host, seq, prev, now, item.op, item.table, item.row, item.task, key,
+                           item.digest)
+            rows.append({"host": host, "seq": seq, "time": now, "op": item.op,
+                         "row_table": item.table, "row_id": item.row, "task": item.task,
+                         "key_id": key, "digest": item.digest, "prev": prev, "hash": h,
+                         "mac": keys.sign(key, item.task, bytes.fromhex(h)), "note": item.note})
+            prev = h
+        s.execute(insert(models.LedgerEntry.__table__), rows)
+        return seq
