@@ -305,10 +305,11 @@ def completion(shell: str) -> None:
 # Commands kept in modules of their own; imported last, since they use this module's helpers.
 from cli.agent import agent, task_group  # noqa: E402
 from cli.doctor import doctor  # noqa: E402
+from cli.ledger import checkpoint, prune, verify  # noqa: E402
 from cli.live import cleanup, run  # noqa: E402
 from cli.rules import rules_group  # noqa: E402
 
-for command in (run, cleanup, rules_group, doctor, agent, task_group):
+for command in (run, cleanup, rules_group, doctor, agent, task_group, verify, checkpoint, prune):
     main.add_command(command)
 
 if __name__ == "__main__":
