@@ -45,7 +45,7 @@ class Store:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self.ledger = ledger or Ledger()
-        self._ledger_on = ledger_mod.enabled()
+        self.ledger_on = ledger_mod.enabled()
 
     @classmethod
     def open(cls, url: str, ledger: Ledger | None = None) -> "Store":
@@ -90,7 +90,7 @@ class Store:
 
     def _append(self, s: Session, items: list[Item]) -> None:
         """Append the rows just written to the ledger, in the same transaction."""
-        if self._ledger_on and items:
+        if self.ledger_on and items:
             self.ledger.append(s, items)
 
     @staticmethod
