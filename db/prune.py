@@ -76,17 +76,16 @@ def prune(store, before: int) -> Pruned:
                     removed["findings"] += s.execute(delete(models.Finding.__table__)
                                                      .where(owner.in_(chunk))).rowcount
                 removed[name] += s.execute(delete(table).where(table.c.id.in_(chunk))).rowcount
-        for host, (cut, cut_prev) in cuts.items():
-            removed["ledger"] += s.execute(delete(e.__table__)
-                                           .where(e.host == host, e.seq < cut)).rowcount
-        removed_rows = sum(n for name, n in removed.items() if name != "ledger")
+        removed_rows = sum(removed.values())
         own = ledger.host if ledger.host in cuts else next(iter(cuts))
         for host, (cut, cut_prev) in sorted(cuts.items()):
             note = canonical({"cut": cut, "cut_prev": cut_prev, "before": before,
                               "removed": removed_rows}).decode()
             items = (carry_items if host == own else []) + [
                 Item("prune", None, None, None, hashlib.sha256(note.encode()).hexdigest(), note)]
-            ledger.append(s, items, host=host)
+            ledger.append(s, items, host=host)    # before the cut: the head must still be there
+            removed["ledger"] += s.execute(delete(e.__table__)
+                                           .where(e.host == host, e.seq < cut)).rowcount
     return Pruned(removed, {h: c for h, (c, _) in cuts.items()})
 
 
