@@ -27,8 +27,10 @@ import json
 SAFE = 2**53 - 1
 """The largest integer JCS writes as a plain decimal (ECMAScript's Number.MAX_SAFE_INTEGER)."""
 
-_encode = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"),
-                           allow_nan=False).encode
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+                           check_circular=False).encode
+"""Keys are sorted before (a dict in key order, as db.ledger.record makes them, is kept)."""
+_PLAIN = frozenset((str, bool, type(None)))
 
 
 class CanonicalError(ValueError):
@@ -46,12 +48,26 @@ def _value(key: str, value):
 
 def canonical(record: dict) -> bytes:
     """The JCS bytes of a flat object of nulls, booleans, integers and strings."""
+    for value in record.values():       # the common case, checked without copying
+        kind = type(value)
+        if kind not in _PLAIN and not (kind is int and -SAFE <= value <= SAFE):
+            record = _clean(record)
+            break
+    if not "".join(record).isascii():
+        _clean(record)                  # raises, naming the key
+    keys = list(record)
+    if keys != sorted(keys):
+        record = {key: record[key] for key in sorted(keys)}
+    try:
+        return _encode(record).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CanonicalError("a string is not encodable as UTF-8 (a lone surrogate)") from None
+
+
+def _clean(record: dict) -> dict:
     clean = {}
     for key, value in record.items():
         if not key.isascii():
             raise CanonicalError(f"{key!r}: keys are ASCII column names")
         clean[key] = _value(key, value)
-    try:
-        return _encode(clean).encode("utf-8")
-    except UnicodeEncodeError:
-        raise CanonicalError("a string is not encodable as UTF-8 (a lone surrogate)") from None
+    return clean

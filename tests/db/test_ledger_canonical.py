@@ -7,7 +7,7 @@ import rfc8785
 from hypothesis import given, strategies as st
 
 from db.canonical import SAFE, CanonicalError, canonical
-from db.ledger import digest, record
+from db.ledger import digest, entry_hash, record
 from tests.db.test_flows import full_flow
 from db import mapping
 
@@ -45,3 +45,15 @@ def test_a_flow_row_with_float_evidence_hashes_as_stored_text():
     rec = record("flows", dict(row, id=1))
     assert "latest" not in rec and rec["tls"].startswith("{")
     assert digest(rec) == hashlib.sha256(rfc8785.dumps(rec)).hexdigest()
+
+
+OPTIONAL = st.none() | st.text(st.characters(exclude_categories=["Cs"]), max_size=10)
+
+
+@given(st.text(max_size=10), st.integers(0, 2**60), st.text(max_size=10),
+       st.integers(0, 2**60), OPTIONAL, OPTIONAL, OPTIONAL)
+def test_entry_hash_fast_path_is_the_canonical_header(host, seq, prev, when, table, row, task):
+    header = {"host": host, "seq": seq, "prev": prev, "time": when, "op": "insert",
+              "table": table, "row": row, "task": task, "key": "k1", "digest": "ab"}
+    expected = hashlib.sha256(reference(header)).hexdigest()
+    assert entry_hash(host, seq, prev, when, "insert", table, row, task, "k1", "ab") == expected
