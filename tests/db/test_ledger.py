@@ -330,3 +330,30 @@ def test_rotation_keeps_old_entries_verifiable(store, tmp_path, monkeypatch):
         keys = conn.execute(sa.text("SELECT DISTINCT key_id FROM ledger")).scalars().all()
     assert sorted(keys) == sorted([old, KeyRing.load().current]) and len(keys) == 2
     assert problems(store).ok
+
+
+def test_a_live_writer_exports_checkpoints_at_its_interval(store, tmp_path, monkeypatch):
+    from db.checkpoints import read
+    from db.recorder import StoreRecorder
+    cps = tmp_path / "cp.jsonl"
+    monkeypatch.setenv("EGRESS_CHECKPOINTS", str(cps))
+    monkeypatch.setenv("EGRESS_CHECKPOINT_INTERVAL", "3600")
+    recorder = StoreRecorder(store, kind="replay", sources=["x"])
+    recorder.records([make_flow()])
+    assert not cps.exists()                        # not an interval yet
+    recorder._checkpoints.every_s = 0.0001
+    time.sleep(0.001)
+    recorder.records([make_flow()])
+    recorder.finish_counters({}, {})               # and one at the end
+    lines = read(cps)
+    assert [c.seq for _, c in lines] == [3, 4]     # run #1, flows #2 #3; the run's end #4
+    report = problems(store, checkpoints=lines)
+    assert report.ok and report.checkpoints == 2
+
+
+def test_a_bad_checkpoint_interval_is_one_line(store, monkeypatch):
+    from db import StoreError
+    from db.recorder import StoreRecorder
+    monkeypatch.setenv("EGRESS_CHECKPOINT_INTERVAL", "soon")
+    with pytest.raises(StoreError, match="EGRESS_CHECKPOINT_INTERVAL='soon' is not a number"):
+        StoreRecorder(store, kind="live", sources=["x"])
