@@ -252,7 +252,7 @@ def _row(table: str, row, index, problems) -> None:
         if _digest(table, row, "update") != updates[-1].digest:
             problems.append(Problem((0, updates[-1].host, updates[-1].seq),
                                     f"{updates[-1].name(table, row_id)}: the row's "
-                                    f"{', '.join(MUTABLE[table])} no longer match it (edited)"))
+                                    f"{' or '.join(MUTABLE[table])} differs from it (edited)"))
     elif any(row[c] is not None for c in MUTABLE[table]):
         problems.append(Problem((0, insert.host, insert.seq),
                                 f"{insert.name(table, row_id)}: the row has "
