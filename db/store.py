@@ -88,6 +88,15 @@ class Store:
         except LedgerKeyError as e:
             raise StoreError(str(e)) from None
 
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        """A write transaction holding this host's chain from its start (PostgreSQL), so a
+        writer never waits for the chain while holding row locks that a prune may need."""
+        with self.session() as s:
+            if self.ledger_on:
+                ledger_mod.lock_chain(s, self.ledger.host)
+            yield s
+
     def _append(self, s: Session, items: list[Item]) -> None:
         """Append the rows just written to the ledger, in the same transaction."""
         if self.ledger_on and items:
@@ -109,7 +118,7 @@ class Store:
             raise StoreError(f"capture run kind {kind!r} is not live or replay")
         row = {"kind": kind, "sources": mapping.dumps(list(sources)), "started": started,
                "version": version}
-        with self.session() as s:
+        with self._writing() as s:
             run_id = s.execute(insert(models.CaptureRun).returning(models.CaptureRun.id),
                                [row]).scalar_one()
             self._append(s, self._items(models.CaptureRun.__table__, [row], [run_id]))
@@ -122,7 +131,7 @@ class Store:
 
     def _update(self, table, row_id, missing: str, **values) -> None:
         """Set a row's mutable columns (db.ledger.MUTABLE) and append the change."""
-        with self.session() as s:
+        with self._writing() as s:
             done = s.execute(update(table).where(table.c.id == row_id).values(**values))
             if done.rowcount != 1:
                 raise StoreError(missing)
@@ -149,7 +158,7 @@ class Store:
         except ValueError as e:
             raise StoreError(str(e)) from None
         expanded = mapping.dumps(purpose.to_json())
-        with self.session() as s:
+        with self._writing() as s:
             existing = s.get(models.Task, task_id)
             if existing is not None:
                 # A purpose built in code has no file hash: compare what it expands to.
@@ -207,7 +216,7 @@ class Store:
             row["latest"] = last[row["flow_id"]] == i
 
         flow_table, event_table = models.Flow.__table__, models.TaskEvent.__table__
-        with self.session() as s:
+        with self._writing() as s:
             for chunk in _chunks(sorted(last)):
                 s.execute(update(flow_table)
                           .where(flow_table.c.flow_id.in_(chunk), flow_table.c.latest.is_(True))
@@ -302,7 +311,7 @@ class Store:
             raise StoreError(f"cannot write a DNS binding: {e}") from None
         if values:
             table = models.DnsBinding.__table__
-            with self.session() as s:
+            with self._writing() as s:
                 self._append(s, self._items(table, values, self._insert(s, table, values)))
 
     def bindings_for(self, task: str | None, address: str, before: int,
