@@ -1,23 +1,28 @@
 """The ledger: each row the store writes is appended, in the same transaction, to a hash chain.
 
-One chain per host (``host``, ``seq`` from 1). An entry stands for one written
-row (``insert``), a change to a row's mutable columns (``update``), a row
-re-attested by a prune (``carry``), or a prune itself (``prune``, its record in
-``note``). Its fields:
+One chain per host (``host``, ``seq`` from 1). An entry covers the rows of one
+task that one write added (``insert``), the rows whose mutable columns it
+changed (``update``), rows re-attested by a prune (``carry``), or is a prune
+itself (``prune``, its canonical record as the body). Its fields:
 
-- ``digest``: SHA-256 of the row's canonical encoding (RFC 8785, db.canonical)
-  as the store holds it, the columns of ``COVERED`` (``MUTABLE`` ones for an update);
+- ``body``: one line ``TABLE ID DIGEST`` a row, DIGEST being SHA-256 of the
+  row's canonical encoding (RFC 8785, db.canonical) as the store holds it: the
+  columns of ``covered(table)`` (``MUTABLE`` ones for an update);
+- ``digest``: SHA-256 of the body;
 - ``hash``: SHA-256 of the canonical header: host, seq, prev (the previous
-  entry's hash, 64 zeros for the first), time, op, table, row, task, key, digest;
+  entry's hash, 64 zeros for the first), time, op, task, key, digest;
 - ``mac``: HMAC-SHA256 of the hash's bytes under the task's key (db.ledgerkeys).
 
 So the chain can be walked without the rows, each row is checked against its
-entries, and an entry cannot be made without the key. ``flows.latest`` is not
-hashed: it is derived (a flow's newest row), and ``egress verify`` checks the rule.
+entries, and an entry cannot be made without the key. A write's rows are hashed
+one by one, but hashed into the chain, signed and inserted once per task: the
+ledger's cost is one canonical encoding and one SHA-256 a row. ``flows.latest``
+is not hashed: it is derived (a flow's newest row), and ``egress verify`` checks
+the rule.
 
 Writers serialize per host: on PostgreSQL an advisory lock of the host's chain,
-held to the end of the transaction; on SQLite the transaction's write lock, which
-the rows written before ``append`` already hold.
+held to the end of the transaction (db.store takes it first); on SQLite the
+transaction's write lock, which the rows written before ``append`` already hold.
 """
 
 from __future__ import annotations
@@ -72,8 +77,7 @@ def digest(rec: dict) -> str:
     return hashlib.sha256(canonical(rec)).hexdigest()
 
 
-_HEADER = ('{"digest":%s,"host":%s,"key":%s,"op":%s,"prev":%s,"row":%s,"seq":%d,"table":%s,'
-           '"task":%s,"time":%d}')
+_HEADER = '{"digest":%s,"host":%s,"key":%s,"op":%s,"prev":%s,"seq":%d,"task":%s,"time":%d}'
 """The canonical header with its keys in JCS order, filled by ``entry_hash``'s fast path."""
 
 
@@ -81,8 +85,8 @@ def _string(value: str | None) -> str:
     return "null" if value is None else encode_basestring(value)
 
 
-def entry_hash(host: str, seq: int, prev: str, time_us: int, op: str, table: str | None,
-               row: str | None, task: str | None, key: str, dig: str) -> str:
+def entry_hash(host: str, seq: int, prev: str, time_us: int, op: str, task: str | None,
+               key: str, dig: str) -> str:
     """The entry's hash: SHA-256 of its canonical header.
 
     The header is formatted directly when every field has its type (what canonical()
@@ -94,12 +98,11 @@ def entry_hash(host: str, seq: int, prev: str, time_us: int, op: str, table: str
                 or not (0 <= seq <= SAFE and 0 <= time_us <= SAFE):
             raise TypeError
         text = _HEADER % (_string(dig), _string(host), _string(key), _string(op),
-                          _string(prev), _string(row), seq, _string(table), _string(task),
-                          time_us)
+                          _string(prev), seq, _string(task), time_us)
         data = text.encode("utf-8")
     except (TypeError, UnicodeEncodeError):
         data = canonical({"host": host, "seq": seq, "prev": prev, "time": time_us, "op": op,
-                          "table": table, "row": row, "task": task, "key": key, "digest": dig})
+                          "task": task, "key": key, "digest": dig})
     return hashlib.sha256(data).hexdigest()
 
 
@@ -114,7 +117,7 @@ def enabled() -> bool:
 
 @dataclass(frozen=True)
 class Item:
-    """What to append: one row written (or changed), or a prune."""
+    """What to append: one row written (or changed), or a prune (its record as ``note``)."""
 
     op: str
     table: str | None
@@ -127,6 +130,19 @@ class Item:
     def of_row(cls, table: str, row: Mapping, task: str | None, op: str = "insert") -> "Item":
         """The entry of a row as written (``row`` includes its id), signed with ``task``'s key."""
         return cls(op, table, str(row["id"]), task, digest(record(table, row, op)))
+
+
+def body_rows(body: str) -> list[tuple[str, str, str]] | None:
+    """The (table, row id, digest) lines of an entry's body; None if it is not such a body."""
+    if not body.endswith("\n"):
+        return None
+    out = []
+    for line in body[:-1].split("\n"):
+        parts = line.split(" ")
+        if len(parts) != 3:
+            return None
+        out.append((parts[0], parts[1], parts[2]))
+    return out
 
 
 def task_of(table: str, row: Mapping) -> str | None:
@@ -158,7 +174,7 @@ class Ledger:
     """Appends entries for one host, signed with the key ring's current key."""
 
     def __init__(self, keys: KeyRing | None = None, host: str | None = None):
-        """Without ``keys``, the default key file is read (made on first use) at the first append."""
+        """Without ``keys``, the default key file is read (made if missing) at the first append."""
         self._keys = keys
         self.host = host or default_host()
 
@@ -175,25 +191,36 @@ class Ledger:
         keys = self.keys
         lock_chain(s, host)
         seq, prev, last = head(s, host)
-        if not items:
-            return seq
         now = max(time.time_ns() // 1000, last)    # a chain's times never go back
         key = keys.current
         rows = []
-        for item in items:                  # in _COLUMNS' order
+        for op, task, body in _entries(items):     # in _COLUMNS' order
             seq += 1
-            h = entry_hash(host, seq, prev, now, item.op, item.table, item.row, item.task, key,
-                           item.digest)
-            rows.append((host, seq, now, item.op, item.table, item.row, item.task, key,
-                         item.digest, prev, h, keys.sign(key, item.task, bytes.fromhex(h)),
-                         item.note))
+            dig = hashlib.sha256(body.encode("utf-8")).hexdigest()
+            h = entry_hash(host, seq, prev, now, op, task, key, dig)
+            rows.append((host, seq, now, op, task, key, dig, prev, h,
+                         keys.sign(key, task, bytes.fromhex(h)), body))
             prev = h
-        _insert(s, rows)
+        if rows:
+            _insert(s, rows)
         return seq
 
 
-_COLUMNS = ("host", "seq", "time", "op", "row_table", "row_id", "task", "key_id", "digest",
-            "prev", "hash", "mac", "note")
+def _entries(items: list[Item]):
+    """(op, task, body) of each entry: one per op and task for rows, one per prune."""
+    groups: dict[tuple[str, str | None], list[str]] = {}
+    for item in items:
+        if item.note is not None:
+            yield item.op, item.task, item.note
+        else:
+            groups.setdefault((item.op, item.task), []).append(
+                f"{item.table} {item.row} {item.digest}\n")
+    for (op, task), lines in groups.items():
+        yield op, task, "".join(lines)
+
+
+_COLUMNS = ("host", "seq", "time", "op", "task", "key_id", "digest", "prev", "hash", "mac",
+            "body")
 
 
 def _insert(s: Session, rows: list[tuple]) -> None:

@@ -174,11 +174,13 @@ class DnsBinding(Base):
 
 
 class LedgerEntry(Base):
-    """One entry of a host's hash chain (db.ledger): a written row, or a prune's anchor.
+    """One entry of a host's hash chain (db.ledger): the rows of one task one write added
+    or changed, or a prune's anchor.
 
-    ``hash`` is SHA-256 of the entry's canonical header (host, seq, prev, time, op,
-    the row's table and id, task, key id and ``digest``, the SHA-256 of the row's
-    canonical encoding); ``mac`` is HMAC-SHA256 of ``hash`` under the task's key.
+    ``body`` lists the rows, one ``TABLE ID DIGEST`` line each (DIGEST: SHA-256 of the
+    row's canonical encoding), or holds a prune's canonical record; ``digest`` is its
+    SHA-256. ``hash`` is SHA-256 of the canonical header (host, seq, prev, time, op,
+    task, key id, digest); ``mac`` is HMAC-SHA256 of ``hash`` under the task's key.
     """
 
     __tablename__ = "ledger"
@@ -187,16 +189,13 @@ class LedgerEntry(Base):
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     time: Mapped[int] = mapped_column(BigInteger)
     op: Mapped[str] = mapped_column(WORD)
-    row_table: Mapped[str | None] = mapped_column(String(32))
-    row_id: Mapped[str | None] = mapped_column(String(64))
     task: Mapped[str | None] = mapped_column(TASK_ID)
     key_id: Mapped[str] = mapped_column(String(32))
     digest: Mapped[str] = mapped_column(String(64))
     prev: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
     mac: Mapped[str] = mapped_column(String(64))
-    note: Mapped[str | None] = mapped_column(Text)
-    """The canonical record itself, for entries that stand for no row (a prune)."""
+    body: Mapped[str] = mapped_column(Text)
 
     __table_args__ = (CheckConstraint("op IN ('insert', 'update', 'carry', 'prune')",
                                       name="op"),)

@@ -11,7 +11,6 @@ of every chain before (``egress prune`` does).
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from sqlalchemy import delete, or_, select
 
 from db import models
 from db.canonical import canonical
-from db.ledger import MUTABLE, Item, Ledger, head, lock_chain, task_of
+from db.ledger import MUTABLE, Item, Ledger, body_rows, head, lock_chain, task_of
 from db.store import _chunks
 
 PRUNABLE = ("findings", "flows", "task_events", "dns_bindings")
@@ -59,10 +58,8 @@ def prune(store, before: int) -> Pruned:
         def in_prefix(cut_of):
             return or_(*[(e.host == h) & (e.seq < c) for h, (c, _) in cut_of.items()])
 
-        touched = set(s.execute(select(e.row_table, e.row_id)
-                                .where(in_prefix(cuts), e.row_table.is_not(None))).all())
-        later = set(s.execute(select(e.row_table, e.row_id)
-                              .where(~in_prefix(cuts), e.row_table.is_not(None))).all())
+        touched = _rows_of(s, in_prefix(cuts))
+        later = _rows_of(s, ~in_prefix(cuts))
         gone = {(t, r) for t, r in touched - later if t in PRUNABLE}
         carried = sorted((t, r) for t, r in touched if t in KEPT)
         carry_items = _carry(s, carried)
@@ -82,11 +79,20 @@ def prune(store, before: int) -> Pruned:
             note = canonical({"cut": cut, "cut_prev": cut_prev, "before": before,
                               "removed": removed_rows}).decode()
             items = (carry_items if host == own else []) + [
-                Item("prune", None, None, None, hashlib.sha256(note.encode()).hexdigest(), note)]
+                Item("prune", None, None, None, "", note)]
             ledger.append(s, items, host=host)    # before the cut: the head must still be there
             removed["ledger"] += s.execute(delete(e.__table__)
                                            .where(e.host == host, e.seq < cut)).rowcount
     return Pruned(removed, {h: c for h, (c, _) in cuts.items()})
+
+
+def _rows_of(s, where) -> set[tuple[str, str]]:
+    """The (table, row id) pairs the entries that ``where`` selects cover."""
+    e = models.LedgerEntry
+    out = set()
+    for body in s.execute(select(e.body).where(where, e.op != "prune")).scalars():
+        out.update((table, row) for table, row, _ in body_rows(body) or ())
+    return out
 
 
 def _carry(s, rows: list[tuple[str, str]]) -> list[Item]:

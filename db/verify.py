@@ -7,6 +7,7 @@ after every chain), so the first one names the first wrong entry.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -16,9 +17,8 @@ from sqlalchemy.orm import Session
 from db import models
 from db.canonical import CanonicalError
 from db.checkpoints import Checkpoint
-from db.ledger import GENESIS, MUTABLE, TABLES, digest, entry_hash, record
+from db.ledger import GENESIS, MUTABLE, TABLES, body_rows, digest, entry_hash, record
 from db.ledgerkeys import KeyRing
-import json
 
 ROW_OPS = ("insert", "carry")
 PRUNE_FIELDS = {"cut", "cut_prev", "before", "removed"}
@@ -27,7 +27,8 @@ PRUNE_FIELDS = {"cut", "cut_prev", "before", "removed"}
 @dataclass(frozen=True, order=True)
 class Problem:
     where: tuple
-    """(0, host, seq) for an entry; (1, table, id) for a row no entry covers."""
+    """(0, host, seq, line): an entry (line -1) or the row on that line of its body;
+    (1, table, id): a row no entry covers."""
     text: str = field(compare=False)
 
 
@@ -70,6 +71,12 @@ class _Seen:
     op: str
     digest: str
     task: str | None
+    line: int
+    """The row's place in the entry's body."""
+
+    @property
+    def where(self) -> tuple:
+        return (0, self.host, self.seq, self.line)
 
     def name(self, table: str, row: str) -> str:
         return f"entry {self.host}#{self.seq} ({self.op} of {table} row {row})"
@@ -85,7 +92,7 @@ def verify(s: Session, keys: KeyRing | None, task: str | None = None,
     _rows(s, task, report, index)
     for (table, row), seen in sorted(index.items()):
         entry = seen[0]
-        report.problems.append(Problem((0, entry.host, entry.seq),
+        report.problems.append(Problem(entry.where,
                                        f"{entry.name(table, row)}: the row is gone (deleted)"))
     _checkpoints(keys, checkpoints, report)
     return report
@@ -98,24 +105,21 @@ def _walk(s, keys, task, report, index) -> None:
     for entry in s.execute(query.execution_options(yield_per=10_000)).mappings():
         host, seq = entry["host"], entry["seq"]
         report.entries += 1
-        name = f"entry {host}#{seq}"
-        if entry["row_table"] is not None:
-            name += f" ({entry['op']} of {entry['row_table']} row {entry['row_id']})"
-        where = (0, host, seq)
+        name = f"entry {host}#{seq} ({entry['op']}, task {entry['task'] or '-'})"
+        where = (0, host, seq, -1)
         chain = report.chains.get(host)
         if chain is None:
             chain = report.chains[host] = Chain(first=seq, first_prev=entry["prev"])
         elif seq != chain.last + 1:
-            problems.append(Problem((0, host, chain.last + 1),
+            problems.append(Problem((0, host, chain.last + 1, -1),
                                     f"entry {host}#{chain.last + 1} is missing: the chain goes "
                                     f"from #{chain.last} to #{seq} (entries deleted)"))
         elif entry["prev"] != chain.last_hash:
             problems.append(Problem(where, f"{name}: does not follow #{chain.last} (its prev is "
                                            "not that entry's hash): entries reordered or replaced"))
         try:
-            h = entry_hash(host, seq, entry["prev"], entry["time"], entry["op"],
-                           entry["row_table"], entry["row_id"], entry["task"], entry["key_id"],
-                           entry["digest"])
+            h = entry_hash(host, seq, entry["prev"], entry["time"], entry["op"], entry["task"],
+                           entry["key_id"], entry["digest"])
         except CanonicalError as err:
             h = f"unhashable: {err}"
         if h != entry["hash"]:
@@ -128,11 +132,19 @@ def _walk(s, keys, task, report, index) -> None:
             elif not _mac_ok(keys, entry):
                 problems.append(Problem(where, f"{name}: its signature is wrong (forged, or "
                                                "rewritten without the key)"))
-        if entry["op"] == "prune":
+        body = entry["body"]
+        if hashlib.sha256(body.encode("utf-8")).hexdigest() != entry["digest"]:
+            problems.append(Problem(where, f"{name}: its body does not match its digest (the "
+                                           "entry was edited)"))
+        elif entry["op"] == "prune":
             chain.prune = _prune_record(entry, name, problems)
-        elif entry["row_table"] is not None and (task is None or entry["task"] == task):
-            index[(entry["row_table"], entry["row_id"])].append(
-                _Seen(host, seq, entry["op"], entry["digest"], entry["task"]))
+        elif task is None or entry["task"] == task:
+            rows = body_rows(body)
+            if rows is None:
+                problems.append(Problem(where, f"{name}: its body is not a list of rows"))
+            for line, (table, row, dig) in enumerate(rows or ()):
+                index[(table, row)].append(_Seen(host, seq, entry["op"], dig, entry["task"],
+                                                 line))
         chain.last, chain.last_hash = seq, entry["hash"]
         chain.hashes[seq] = entry["hash"]
     for host, chain in report.chains.items():
@@ -148,15 +160,13 @@ def _mac_ok(keys: KeyRing, entry) -> bool:
 
 
 def _prune_record(entry, name, problems) -> dict | None:
-    note = entry["note"] or ""
     try:
-        rec = json.loads(note)
+        rec = json.loads(entry["body"])
     except ValueError:
         rec = None
-    if (hashlib.sha256(note.encode("utf-8")).hexdigest() != entry["digest"]
-            or not isinstance(rec, dict) or set(rec) != PRUNE_FIELDS):
-        problems.append(Problem((0, entry["host"], entry["seq"]),
-                                f"{name}: its prune record does not match its digest"))
+    if not isinstance(rec, dict) or set(rec) != PRUNE_FIELDS:
+        problems.append(Problem((0, entry["host"], entry["seq"], -1),
+                                f"{name}: its body is not a prune record"))
         return None
     return rec
 
@@ -165,12 +175,12 @@ def _start(host: str, chain: Chain, problems: list[Problem]) -> None:
     """A chain starts at #1 after GENESIS, or where its newest prune cut it."""
     if chain.first == 1:
         if chain.first_prev != GENESIS:
-            problems.append(Problem((0, host, 1), f"entry {host}#1: its prev is not the start "
+            problems.append(Problem((0, host, 1, -1), f"entry {host}#1: its prev is not the start "
                                                   "of a chain (the entry was edited)"))
         return
     prune = chain.prune
     if prune is None or prune["cut"] != chain.first or prune["cut_prev"] != chain.first_prev:
-        problems.append(Problem((0, host, 1 if prune is None else prune["cut"]),
+        problems.append(Problem((0, host, 1 if prune is None else prune["cut"], -1),
                                 f"entries {host}#{1 if prune is None else prune['cut']}-"
                                 f"#{chain.first - 1} are missing, and no prune removed them "
                                 "(entries deleted)"))
@@ -222,7 +232,7 @@ def _rows(s, task, report, index) -> None:
 def _latest_problem(report, index, row_id, flow_id, what) -> None:
     text = f"flows row {row_id} ({flow_id}) {what} (latest was edited)"
     seen = index.get(("flows", str(row_id)))
-    where = (0, seen[0].host, seen[0].seq) if seen else (1, "flows", row_id)
+    where = seen[0].where if seen else (1, "flows", row_id)
     report.problems.append(Problem(where, text))
 
 
@@ -238,23 +248,23 @@ def _row(table: str, row, index, problems) -> None:
     inserts = [x for x in seen if x.op in ROW_OPS]
     updates = [x for x in seen if x.op == "update"]
     if not inserts:
-        problems.append(Problem((0, seen[0].host, seen[0].seq),
+        problems.append(Problem(seen[0].where,
                                 f"{seen[0].name(table, row_id)}: the row's insert entry is gone"))
         return
     insert = inserts[-1]
     if _digest(table, row, "insert") != insert.digest:
-        problems.append(Problem((0, insert.host, insert.seq),
+        problems.append(Problem(insert.where,
                                 f"{insert.name(table, row_id)}: the row{label} no longer "
                                 "matches it (the row was edited)"))
     if table not in MUTABLE:
         return
     if updates:
         if _digest(table, row, "update") != updates[-1].digest:
-            problems.append(Problem((0, updates[-1].host, updates[-1].seq),
+            problems.append(Problem(updates[-1].where,
                                     f"{updates[-1].name(table, row_id)}: the row's "
                                     f"{' or '.join(MUTABLE[table])} differs from it (edited)"))
     elif any(row[c] is not None for c in MUTABLE[table]):
-        problems.append(Problem((0, insert.host, insert.seq),
+        problems.append(Problem(insert.where,
                                 f"{insert.name(table, row_id)}: the row has "
                                 f"{', '.join(MUTABLE[table])} set, which no entry wrote (edited)"))
 
@@ -270,26 +280,27 @@ def _checkpoints(keys, checkpoints, report) -> None:
     for where, cp in checkpoints:
         if keys is not None:
             if cp.key not in keys:
-                report.problems.append(Problem((0, cp.host, cp.seq), f"checkpoint {where}: "
+                report.problems.append(Problem((0, cp.host, cp.seq, -1), f"checkpoint {where}: "
                                                f"signed with key {cp.key}, not in {keys.path}"))
                 continue
             if not cp.valid(keys):
-                report.problems.append(Problem((0, cp.host, cp.seq), f"checkpoint {where}: its "
+                report.problems.append(Problem((0, cp.host, cp.seq, -1), f"checkpoint {where}: its "
                                                "signature is wrong (the checkpoint was edited)"))
                 continue
         chain = report.chains.get(cp.host)
         if chain is None:
-            report.problems.append(Problem((0, cp.host, 1), f"entries {cp.host}#1-#{cp.seq} are "
-                                           f"gone: checkpoint {where} saw them, the store has no "
-                                           "chain for that host"))
+            report.problems.append(Problem((0, cp.host, 1, -1),
+                                           f"entries {cp.host}#1-#{cp.seq} are gone: checkpoint "
+                                           f"{where} saw them, the store has no chain for that "
+                                           "host"))
         elif cp.seq > chain.last:
-            report.problems.append(Problem((0, cp.host, chain.last + 1),
+            report.problems.append(Problem((0, cp.host, chain.last + 1, -1),
                                            f"entries {cp.host}#{chain.last + 1}-#{cp.seq} are "
                                            f"gone: checkpoint {where} saw the chain up to "
                                            f"#{cp.seq}"))
         elif cp.seq in chain.hashes:
             if chain.hashes[cp.seq] != cp.hash:
-                report.problems.append(Problem((0, cp.host, cp.seq),
+                report.problems.append(Problem((0, cp.host, cp.seq, -1),
                                                f"entry {cp.host}#{cp.seq} is not the one "
                                                f"checkpoint {where} saw: the chain was rewritten"))
             else:

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from db import Store
 from db.checkpoints import take
-from db.ledger import Ledger, default_host
+from db.ledger import Ledger, body_rows, default_host
 from db.ledgerkeys import KeyRing
 from db.prune import prune
 from db.verify import verify
@@ -61,10 +61,12 @@ def sql(store, statement: str, **params) -> None:
 
 
 def seq_of(store, table: str, row_id, op: str = "insert") -> int:
+    """The entry that covers a row (its ``op``)."""
     with store.engine.connect() as conn:
-        return conn.execute(sa.text("SELECT seq FROM ledger WHERE row_table = :t AND "
-                                    "row_id = :r AND op = :op"),
-                            {"t": table, "r": str(row_id), "op": op}).scalar_one()
+        found = [seq for seq, o, body in conn.execute(sa.text("SELECT seq, op, body FROM ledger"))
+                 if o == op and (table, str(row_id)) in {(t, r) for t, r, _ in body_rows(body)}]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def flow_row(store, flow_id: str, latest: bool = True) -> int:
@@ -89,7 +91,9 @@ def test_untouched_store_verifies(filled):
             counts[table] = conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
         entries = conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar_one()
     assert report.rows == sum(counts.values()) == 1 + 2 + 4 + 1 + 3 + 1
-    assert entries == report.entries == report.rows + 2   # t1 ended, the run finished
+    # The run, t1, t2, the first write (all t1's), the second (t1's and t2's), the bindings,
+    # t1's end, the run's end.
+    assert entries == report.entries == 1 + 1 + 1 + 1 + 2 + 1 + 1 + 1
     assert report.chains[HOST].first == 1 and report.chains[HOST].last == entries
 
 
@@ -156,8 +160,18 @@ def test_reordered_rows_name_the_first_of_them(filled):
 def test_an_edited_entry_is_named(filled):
     seq = seq_of(filled, "flows", _any_flow(filled))
     sql(filled, "UPDATE ledger SET digest = :d WHERE seq = :s", d="0" * 64, s=seq)
-    assert first(filled) == (f"entry {HOST}#{seq} (insert of flows row {_any_flow(filled)}): "
-                             "its hash does not match its fields (the entry was edited)")
+    assert first(filled) == (f"entry {HOST}#{seq} (insert, task t1): its hash does not match "
+                             "its fields (the entry was edited)")
+
+
+def test_an_edited_entry_body_is_named(filled):
+    row = _any_flow(filled)
+    seq = seq_of(filled, "flows", row)
+    # Drop the flow's line from its entry, as if it had never been written.
+    sql(filled, "UPDATE ledger SET body = replace(body, :line, '') WHERE seq = :s",
+        line=f"flows {row} ", s=seq)
+    assert first(filled) == (f"entry {HOST}#{seq} (insert, task t1): its body does not match "
+                             "its digest (the entry was edited)")
 
 
 def forger_keys(tmp_path) -> KeyRing:
@@ -175,8 +189,8 @@ def test_a_forged_entry_without_the_key_is_named(filled, tmp_path):
     forger.write([forged])
     row = flow_row(filled, forged.flow_id)
     message = first(filled)
-    assert message == (f"entry {HOST}#{seq_of(filled, 'flows', row)} (insert of flows row "
-                       f"{row}): its signature is wrong (forged, or rewritten without the key)")
+    assert message == (f"entry {HOST}#{seq_of(filled, 'flows', row)} (insert, task t1): its "
+                       "signature is wrong (forged, or rewritten without the key)")
 
 
 def test_a_row_written_behind_the_ledgers_back_is_named(filled, monkeypatch):

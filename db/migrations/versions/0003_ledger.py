@@ -1,4 +1,4 @@
-"""The ledger: one hash chain of signed entries per host (db.ledger).
+"""The ledger: one hash chain of signed entries per host, each covering rows (db.ledger).
 
 Revision ID: 0003
 Revises: 0002
@@ -26,15 +26,13 @@ def upgrade() -> None:
         sa.Column("seq", sa.BigInteger(), autoincrement=False, nullable=False),
         sa.Column("time", sa.BigInteger(), nullable=False),
         sa.Column("op", sa.String(length=32), nullable=False),
-        sa.Column("row_table", sa.String(length=32), nullable=True),
-        sa.Column("row_id", sa.String(length=64), nullable=True),
         sa.Column("task", sa.String(length=64), nullable=True),
         sa.Column("key_id", sa.String(length=32), nullable=False),
         sa.Column("digest", HEX, nullable=False),
         sa.Column("prev", HEX, nullable=False),
         sa.Column("hash", HEX, nullable=False),
         sa.Column("mac", HEX, nullable=False),
-        sa.Column("note", sa.Text(), nullable=True),
+        sa.Column("body", sa.Text(), nullable=False),
         sa.CheckConstraint("op IN ('insert', 'update', 'carry', 'prune')",
                            name=op.f("ck_ledger_op")),
         sa.PrimaryKeyConstraint("host", "seq", name=op.f("pk_ledger")),
