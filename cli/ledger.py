@@ -67,6 +67,8 @@ def verify(ctx, task, db_url, checkpoints_file, key_file) -> None:
     store = _store(ctx, db_url)
     with store.session() as s:
         report = run_verify(s, keys, task=task, checkpoints=checkpoints)
+    if report.ok and task and not report.rows:
+        raise Failure(f"no rows of task {task} in the store")
     if not report.ok:
         more = len(report.problems) - 1
         raise Failure(f"ledger: {report.first()}"

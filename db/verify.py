@@ -204,8 +204,8 @@ def _scope(table, task: str | None):
 
 
 def _rows(s, task, report, index) -> None:
-    newest: dict[str, tuple[int, bool]] = {}      # flow_id -> (newest row id, its latest)
-    stale: dict[int, str] = {}                      # flows rows marked latest: id -> flow_id
+    newest: dict[str, tuple] = {}       # flow_id -> (newest row id, its latest, its where)
+    stale: dict[int, tuple] = {}        # flows rows marked latest: id -> (flow_id, where)
     for name in TABLES:
         table = models.Base.metadata.tables[name]
         query = _scope(table, task)
@@ -214,50 +214,46 @@ def _rows(s, task, report, index) -> None:
         for row in s.execute(query.order_by(table.c.id)
                              .execution_options(yield_per=10_000)).mappings():
             report.rows += 1
-            _row(name, row, index, report.problems)
+            where = _row(name, row, index, report.problems)
             if name == "flows":
                 if row["latest"]:
-                    stale[row["id"]] = row["flow_id"]
-                newest[row["flow_id"]] = (row["id"], row["latest"])
-    for flow_id, (row_id, latest) in newest.items():
+                    stale[row["id"]] = (row["flow_id"], where)
+                newest[row["flow_id"]] = (row["id"], row["latest"], where)
+    for flow_id, (row_id, latest, where) in newest.items():
         stale.pop(row_id, None)
         if not latest:
-            _latest_problem(report, index, row_id, flow_id, "is not marked latest, yet it is "
-                                                            "the flow's newest row")
-    for row_id, flow_id in stale.items():
-        _latest_problem(report, index, row_id, flow_id,
-                        "is marked latest, yet the flow has a newer row")
+            report.problems.append(Problem(where, f"flows row {row_id} ({flow_id}) is not "
+                                                  "marked latest, yet it is the flow's newest "
+                                                  "row (latest was edited)"))
+    for row_id, (flow_id, where) in stale.items():
+        report.problems.append(Problem(where, f"flows row {row_id} ({flow_id}) is marked "
+                                              "latest, yet the flow has a newer row (latest "
+                                              "was edited)"))
 
 
-def _latest_problem(report, index, row_id, flow_id, what) -> None:
-    text = f"flows row {row_id} ({flow_id}) {what} (latest was edited)"
-    seen = index.get(("flows", str(row_id)))
-    where = seen[0].where if seen else (1, "flows", row_id)
-    report.problems.append(Problem(where, text))
-
-
-def _row(table: str, row, index, problems) -> None:
+def _row(table: str, row, index, problems) -> tuple:
+    """Check one row against its entries; returns where it is (its insert entry, or itself)."""
     row_id = str(row["id"])
     seen = index.pop((table, row_id), None)
     label = f" ({row['flow_id']})" if table == "flows" else ""
     if not seen:
-        problems.append(Problem((1, table, row["id"] if table != "tasks" else 0, row_id),
-                                f"{table} row {row_id}{label} has no ledger entry (written "
-                                "behind the ledger's back)"))
-        return
+        where = (1, table, row["id"] if table != "tasks" else 0, row_id)
+        problems.append(Problem(where, f"{table} row {row_id}{label} has no ledger entry "
+                                       "(written behind the ledger's back)"))
+        return where
     inserts = [x for x in seen if x.op in ROW_OPS]
     updates = [x for x in seen if x.op == "update"]
     if not inserts:
         problems.append(Problem(seen[0].where,
                                 f"{seen[0].name(table, row_id)}: the row's insert entry is gone"))
-        return
+        return seen[0].where
     insert = inserts[-1]
     if _digest(table, row, "insert") != insert.digest:
         problems.append(Problem(insert.where,
                                 f"{insert.name(table, row_id)}: the row{label} no longer "
                                 "matches it (the row was edited)"))
     if table not in MUTABLE:
-        return
+        return insert.where
     if updates:
         if _digest(table, row, "update") != updates[-1].digest:
             problems.append(Problem(updates[-1].where,
@@ -267,6 +263,7 @@ def _row(table: str, row, index, problems) -> None:
         problems.append(Problem(insert.where,
                                 f"{insert.name(table, row_id)}: the row has "
                                 f"{', '.join(MUTABLE[table])} set, which no entry wrote (edited)"))
+    return insert.where
 
 
 def _digest(table: str, row, op: str) -> str | None:

@@ -79,3 +79,12 @@ def test_bad_input_is_one_line(filled, tmp_path):
     missing = run("verify", "--db", filled, "--key", tmp_path / "nokey")
     assert missing.exit_code == 1 and missing.output.startswith("egress: no ledger key file at")
     assert run("prune", "--db", filled).exit_code == 2
+    nothing = run("verify", "--db", filled, "--task", "no-such-task")
+    assert (nothing.exit_code, nothing.output) == (1, "egress: no rows of task no-such-task in "
+                                                      "the store\n")
+
+
+def test_task_scope(filled):
+    result = run("verify", "--db", filled, "--task", "deploy-speedup")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("ledger ok: task deploy-speedup: ")

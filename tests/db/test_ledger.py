@@ -207,7 +207,10 @@ def test_a_flipped_latest_is_named(filled):
     with filled.engine.connect() as conn:
         old = conn.execute(sa.text("SELECT id FROM flows WHERE NOT latest")).scalar_one()
     sql(filled, "UPDATE flows SET latest = :t WHERE id = :i", t=True, i=old)
-    assert "is marked latest, yet the flow has a newer row" in first(filled)
+    assert first(filled).startswith(f"flows row {old} (")
+    problem = min(problems(filled).problems)
+    assert problem.where[:3] == (0, HOST, seq_of(filled, "flows", old))
+    assert "is marked latest, yet the flow has a newer row" in problem.text
 
 
 def test_an_edited_task_end_names_the_update(filled):
