@@ -33,14 +33,13 @@ import socket
 import time
 from dataclasses import dataclass
 from functools import cache
-from json.encoder import encode_basestring
 from typing import Mapping
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from db import models
-from db.canonical import SAFE, canonical
+from db.canonical import canonical
 from db.ledgerkeys import KeyRing
 
 GENESIS = "0" * 64
@@ -77,33 +76,12 @@ def digest(rec: dict) -> str:
     return hashlib.sha256(canonical(rec)).hexdigest()
 
 
-_HEADER = '{"digest":%s,"host":%s,"key":%s,"op":%s,"prev":%s,"seq":%d,"task":%s,"time":%d}'
-"""The canonical header with its keys in JCS order, filled by ``entry_hash``'s fast path."""
-
-
-def _string(value: str | None) -> str:
-    return "null" if value is None else encode_basestring(value)
-
-
 def entry_hash(host: str, seq: int, prev: str, time_us: int, op: str, task: str | None,
                key: str, dig: str) -> str:
-    """The entry's hash: SHA-256 of its canonical header.
-
-    The header is formatted directly when every field has its type (what canonical()
-    would write, tests check; a third of an entry's cost otherwise); else it goes
-    through canonical(), which refuses what cannot be hashed.
-    """
-    try:
-        if type(seq) is not int or type(time_us) is not int \
-                or not (0 <= seq <= SAFE and 0 <= time_us <= SAFE):
-            raise TypeError
-        text = _HEADER % (_string(dig), _string(host), _string(key), _string(op),
-                          _string(prev), seq, _string(task), time_us)
-        data = text.encode("utf-8")
-    except (TypeError, UnicodeEncodeError):
-        data = canonical({"host": host, "seq": seq, "prev": prev, "time": time_us, "op": op,
-                          "task": task, "key": key, "digest": dig})
-    return hashlib.sha256(data).hexdigest()
+    """The entry's hash: SHA-256 of its canonical header."""
+    return hashlib.sha256(canonical({"host": host, "seq": seq, "prev": prev, "time": time_us,
+                                     "op": op, "task": task, "key": key, "digest": dig}))\
+        .hexdigest()
 
 
 def default_host() -> str:
@@ -194,44 +172,28 @@ class Ledger:
         now = max(time.time_ns() // 1000, last)    # a chain's times never go back
         key = keys.current
         rows = []
-        for op, task, body in _entries(items):     # in _COLUMNS' order
+        for op, task, body in _entries(items):
             seq += 1
             dig = hashlib.sha256(body.encode("utf-8")).hexdigest()
             h = entry_hash(host, seq, prev, now, op, task, key, dig)
-            rows.append((host, seq, now, op, task, key, dig, prev, h,
-                         keys.sign(key, task, bytes.fromhex(h)), body))
+            rows.append({"host": host, "seq": seq, "time": now, "op": op, "task": task,
+                         "key_id": key, "digest": dig, "prev": prev, "hash": h,
+                         "mac": keys.sign(key, task, bytes.fromhex(h)), "body": body})
             prev = h
         if rows:
-            _insert(s, rows)
+            s.execute(insert(models.LedgerEntry.__table__), rows)
         return seq
 
 
 def _entries(items: list[Item]):
-    """(op, task, body) of each entry: one per op and task for rows, one per prune."""
-    groups: dict[tuple[str, str | None], list[str]] = {}
-    for item in items:
-        if item.note is not None:
-            yield item.op, item.task, item.note
-        else:
-            groups.setdefault((item.op, item.task), []).append(
-                f"{item.table} {item.row} {item.digest}\n")
-    for (op, task), lines in groups.items():
-        yield op, task, "".join(lines)
-
-
-_COLUMNS = ("host", "seq", "time", "op", "task", "key_id", "digest", "prev", "hash", "mac",
-            "body")
-
-
-def _insert(s: Session, rows: list[tuple]) -> None:
-    """One INSERT of the entries through the driver's executemany: SQLAlchemy's own
-    parameter handling costs more than hashing and signing them."""
-    conn = s.connection()
-    mark = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(conn.dialect.paramstyle)
-    if mark is None:
-        conn.execute(insert(models.LedgerEntry.__table__), [dict(zip(_COLUMNS, r))
-                                                            for r in rows])
-        return
-    statement = (f"INSERT INTO ledger ({', '.join(_COLUMNS)}) "
-                 f"VALUES ({', '.join([mark] * len(_COLUMNS))})")
-    conn.exec_driver_sql(statement, rows)
+    """(op, task, body) of each entry, in the items' order: one per op and task for rows,
+    one per prune."""
+    groups: dict[tuple, list[Item]] = {}
+    for n, item in enumerate(items):
+        key = ("prune", n) if item.note is not None else (item.op, item.task)
+        groups.setdefault(key, []).append(item)
+    for members in groups.values():
+        first = members[0]
+        body = first.note if first.note is not None else \
+            "".join(f"{i.table} {i.row} {i.digest}\n" for i in members)
+        yield first.op, first.task, body
