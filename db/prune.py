@@ -19,7 +19,7 @@ from sqlalchemy import delete, or_, select
 from db import models
 from db.canonical import canonical
 from db.ledger import MUTABLE, Item, Ledger, body_rows, head, lock_chain, task_of
-from db.store import _chunks
+from db.store import chunks
 
 PRUNABLE = ("findings", "flows", "task_events", "dns_bindings")
 """Deleted in this order (findings before the rows they belong to)."""
@@ -39,7 +39,7 @@ def prune(store, before: int) -> Pruned:
     ledger: Ledger = store.ledger
     e = models.LedgerEntry
     removed: Counter = Counter()
-    cuts: dict[str, int] = {}
+    cuts: dict[str, tuple[int, str]] = {}       # host -> (first kept seq, the hash before it)
     with store.session() as s:
         hosts = list(s.execute(select(e.host).group_by(e.host).order_by(e.host)).scalars())
         for host in hosts:
@@ -66,7 +66,7 @@ def prune(store, before: int) -> Pruned:
         for name in PRUNABLE:
             table = models.Base.metadata.tables[name]
             ids = sorted(int(r) for t, r in gone if t == name)
-            for chunk in _chunks(ids):
+            for chunk in chunks(ids):
                 if name in ("flows", "task_events"):     # findings of theirs left uncovered
                     owner = models.Finding.flow_row if name == "flows" \
                         else models.Finding.task_event_row

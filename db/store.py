@@ -28,7 +28,7 @@ CHUNK = 1000
 CAPTURE_KINDS = ("live", "replay")
 
 
-def _chunks(items: list, size: int = CHUNK) -> Iterator[list]:
+def chunks(items: list, size: int = CHUNK) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
 
@@ -217,7 +217,7 @@ class Store:
 
         flow_table, event_table = models.Flow.__table__, models.TaskEvent.__table__
         with self._writing() as s:
-            for chunk in _chunks(sorted(last)):
+            for chunk in chunks(sorted(last)):
                 s.execute(update(flow_table)
                           .where(flow_table.c.flow_id.in_(chunk), flow_table.c.latest.is_(True))
                           .values(latest=False))
@@ -287,7 +287,7 @@ class Store:
     @staticmethod
     def _findings(s: Session, owner: str, row_ids: list[int]) -> dict[int, list]:
         found: dict[int, list] = defaultdict(list)
-        for chunk in _chunks(row_ids):
+        for chunk in chunks(row_ids):
             for f in s.execute(queries.findings_of(owner, chunk)).mappings():
                 found[f[owner]].append(f)
         return found
