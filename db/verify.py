@@ -84,8 +84,8 @@ class _Seen:
 
 def verify(s: Session, keys: KeyRing | None, task: str | None = None,
            checkpoints: list[tuple[str, Checkpoint]] = ()) -> Report:
-    """Check the store's ledger; ``task`` limits signatures and rows to that task's (the
-    chains are always walked whole); ``keys`` None checks no signature."""
+    """Check the store's ledger; ``task`` limits signatures and rows to that task's and the
+    host's own (the chains are always walked whole); ``keys`` None checks no signature."""
     report = Report()
     index: dict[tuple[str, str], list[_Seen]] = defaultdict(list)
     _walk(s, keys, task, report, index)
@@ -125,7 +125,9 @@ def _walk(s, keys, task, report, index) -> None:
         if h != entry["hash"]:
             problems.append(Problem(where, f"{name}: its hash does not match its fields "
                                            "(the entry was edited)"))
-        if keys is not None and (task is None or entry["task"] == task):
+        # With --task, that task's entries and the host's own (prunes, capture runs), which
+        # anchor the chain.
+        if keys is not None and (task is None or entry["task"] in (task, None)):
             if entry["key_id"] not in keys:
                 problems.append(Problem(where, f"{name}: signed with key {entry['key_id']}, "
                                                f"which is not in {keys.path}"))

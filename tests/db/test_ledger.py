@@ -374,3 +374,13 @@ def test_a_bad_checkpoint_interval_is_one_line(store, monkeypatch):
     monkeypatch.setenv("EGRESS_CHECKPOINT_INTERVAL", "soon")
     with pytest.raises(StoreError, match="EGRESS_CHECKPOINT_INTERVAL='soon' is not a number"):
         StoreRecorder(store, kind="live", sources=["x"])
+
+
+def test_task_scope_still_checks_the_prune_anchors(filled, tmp_path):
+    cut = time.time_ns() // 1000
+    time.sleep(0.002)
+    filled.write([make_flow()])
+    forger = Store(filled.engine, ledger=Ledger(keys=forger_keys(tmp_path)))
+    prune(forger, cut)                   # a prune signed without the key hides the cut
+    # The first entry signed with the host's key (the capture run's carry), not t1's.
+    assert "(carry, task -): its signature is wrong" in first(filled, task="t1")
