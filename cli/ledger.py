@@ -36,7 +36,8 @@ def _export(exporter, checkpoints) -> None:
 
 @click.command(context_settings=CONTEXT)
 @click.option("--task", type=TASK_ID,
-              help="Check only this task's signatures and rows (the chains are walked whole).")
+              help="Check only this task's rows and signatures (and the host's own entries; "
+                   "the chains are walked whole).")
 @DB_OPTION
 @click.option("--checkpoints", "checkpoints_file", type=click.Path(dir_okay=False),
               help="Also prove the store still holds every chain head in this file "
