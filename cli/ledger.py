@@ -89,11 +89,11 @@ def verify(ctx, task, db_url, checkpoints_file, key_file) -> None:
 @click.command(context_settings=CONTEXT)
 @DB_OPTION
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Append the checkpoints to this file (default: print them).")
+              help="Also append the checkpoints to this file.")
 @KEY_OPTION
 @click.pass_context
 def checkpoint(ctx, db_url, output, key_file) -> None:
-    """Print (or append to a file) a signed checkpoint of every chain's head.
+    """Print a signed checkpoint of every chain's head (with -o, also append them to FILE).
 
     Keep them off this host: `egress verify --checkpoints FILE` then proves
     the store still holds each head, so a chain rewritten even with the key
