@@ -384,3 +384,47 @@ def test_task_scope_still_checks_the_prune_anchors(filled, tmp_path):
     prune(forger, cut)                   # a prune signed without the key hides the cut
     # The first entry signed with the host's key (the capture run's carry), not t1's.
     assert "(carry, task -): its signature is wrong" in first(filled, task="t1")
+
+
+def rewrite_from(store, start: int) -> None:
+    """What root with the key can do: recompute every entry from ``start`` on, from the rows
+    as they are now, so that the chain verifies again."""
+    import hashlib
+    from db import models
+    from db.ledger import digest, entry_hash, record
+    keys = KeyRing.load()
+    e = models.LedgerEntry.__table__
+    with store.session() as s:
+        prev = s.execute(sa.select(e.c.hash).where(e.c.seq == start - 1)).scalar_one()
+        for entry in s.execute(sa.select(e).where(e.c.seq >= start).order_by(e.c.seq))\
+                .mappings().all():
+            lines = []
+            for table, row_id, _ in body_rows(entry["body"]):
+                t = models.Base.metadata.tables[table]
+                key = row_id if table == "tasks" else int(row_id)
+                row = s.execute(sa.select(t).where(t.c.id == key)).mappings().one()
+                lines.append(f"{table} {row_id} {digest(record(table, row, entry['op']))}\n")
+            body = "".join(lines)
+            dig = hashlib.sha256(body.encode()).hexdigest()
+            h = entry_hash(entry["host"], entry["seq"], prev, entry["time"], entry["op"],
+                           entry["task"], entry["key_id"], dig)
+            s.execute(sa.update(e).where(e.c.seq == entry["seq"]).values(
+                body=body, digest=dig, prev=prev, hash=h,
+                mac=keys.sign(entry["key_id"], entry["task"], bytes.fromhex(h))))
+            prev = h
+
+
+def test_an_edit_rewritten_with_the_key_fails_against_an_older_checkpoint(filled):
+    with filled.session() as s:
+        checkpoint = take(s, KeyRing.load())[0]
+    with filled.engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT id FROM flows WHERE server_name = 'pypi.org'"))\
+            .scalar_one()
+    sql(filled, "UPDATE flows SET server_name = 'innocent.example' WHERE id = :i", i=row)
+    seq = seq_of(filled, "flows", row)
+    assert first(filled).startswith(f"entry {HOST}#{seq} ")
+    rewrite_from(filled, seq)
+    assert problems(filled).ok                  # the key rewrote history: verify alone passes
+    assert first(filled, checkpoints=[("cp:1", checkpoint)]) == (
+        f"entry {HOST}#{checkpoint.seq} is not the one checkpoint cp:1 saw: the chain was "
+        "rewritten")
