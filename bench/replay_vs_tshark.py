@@ -8,13 +8,17 @@ then runs, interleaved and alternating which goes first, N times each:
 
 - egress:          egress replay CAP --purpose bench/purpose.toml --db <fresh SQLite>
 - egress no-store: the same with --no-store (judging only)
+- egress no-ledger: the first with EGRESS_LEDGER=off (the store without its ledger; for
+                   measuring the ledger's cost only)
 - tshark:          tshark -r CAP -Y 'tls.handshake.type==1 or ssh.protocol or dns or
                    http.request' -T fields -e SNI -e SSH banner -e DNS name -e HTTP Host
 
 Each run is one process (its writer child included), timed by wall clock and
 measured by the kernel's peak RSS (wait4). Reports the median packets per
 second with its spread, the peak RSS, the ratios, and checks that egress
-counts as many TCP conversations as `tshark -z conv,tcp`.
+counts as many TCP conversations as `tshark -z conv,tcp` and that the ledger
+costs at most 20% of the replay's speed (run by run, egress against egress
+no-ledger). The ledger's key is a file in the temporary folder.
 """
 
 from __future__ import annotations
@@ -39,11 +43,12 @@ TSHARK_FIELDS = ["tls.handshake.extensions_server_name", "ssh.protocol", "dns.qr
                  "http.host"]
 
 
-def run(argv: list[str]) -> tuple[float, int, int]:
+def run(argv: list[str], env: dict | None = None) -> tuple[float, int, int]:
     """Wall seconds, peak RSS in KiB (the process and its waited-for children), exit status."""
     start = time.perf_counter()
     with open(os.devnull, "wb") as null:
-        proc = subprocess.Popen(argv, stdout=null, stderr=null)
+        proc = subprocess.Popen(argv, stdout=null, stderr=null,
+                                env=None if env is None else {**os.environ, **env})
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return time.perf_counter() - start, usage.ru_maxrss, proc.returncode
@@ -77,14 +82,19 @@ def main(argv=None) -> int:
                                  "--db", os.path.join(tmp, f"run{i}.db")],
             "egress --no-store": lambda i: [egress, "replay", cap, "--purpose", purpose,
                                             "--no-store"],
+            "egress no-ledger": lambda i: [egress, "replay", cap, "--purpose", purpose,
+                                           "--db", os.path.join(tmp, f"off{i}.db")],
             "tshark": lambda i: [tshark, "-r", cap, "-Y", TSHARK_FILTER, "-T", "fields",
                                  *[x for f in TSHARK_FIELDS for x in ("-e", f)]],
         }
+        envs = {name: {"EGRESS_LEDGER_KEY": os.path.join(tmp, "ledger.key")}
+                for name in commands if name.startswith("egress")}
+        envs["egress no-ledger"]["EGRESS_LEDGER"] = "off"
         results: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
         order = list(commands)
         for i in range(args.runs):
             for name in (order if i % 2 == 0 else order[::-1]):
-                wall, rss, status = run(commands[name](i))
+                wall, rss, status = run(commands[name](i), envs.get(name))
                 if status not in (0, 10):     # 10: egress found violations, as it should here
                     print(f"bench: {name} exited {status}", file=sys.stderr)
                     return 1
@@ -114,14 +124,21 @@ def main(argv=None) -> int:
     # Ratios run by run (each pair ran back to back), so a drift in the machine's speed
     # over the whole benchmark does not tilt them; the median and the spread are quoted.
     ratios, spreads = {}, {}
-    for name in ("egress", "egress --no-store"):
+    for name in ("egress", "egress --no-store", "egress no-ledger"):
         pairs = sorted(t / e for (e, _), (t, _) in zip(results[name], results["tshark"]))
         ratios[name], spreads[name] = statistics.median(pairs), (pairs[0], pairs[-1])
         print(f"ratio {name} / tshark packets per second: median {ratios[name]:.2f}x "
               f"(runs {pairs[0]:.2f}x-{pairs[-1]:.2f}x)")
+    pairs = sorted(off / on for (on, _), (off, _) in zip(results["egress"],
+                                                         results["egress no-ledger"]))
+    ratios["ledger"], spreads["ledger"] = statistics.median(pairs), (pairs[0], pairs[-1])
+    print(f"ratio egress / egress no-ledger packets per second: median {ratios['ledger']:.2f}x "
+          f"(runs {pairs[0]:.2f}x-{pairs[-1]:.2f}x)")
     checks = {
         "egress >= 2x tshark packets/s (median of the run-by-run ratios)": ratios["egress"] >= 2.0,
         "egress peak RSS < 500 MB": figures["egress"]["peak_rss_mib"] * 1.048576 < 500,
+        "the ledger costs <= 20% of replay speed (median run-by-run ratio >= 0.80)":
+            ratios["ledger"] >= 0.80,
         f"TCP conversations: egress {egress_tcp}, tshark {tshark_tcp}": egress_tcp == tshark_tcp,
     }
     for text, ok in checks.items():

@@ -360,12 +360,13 @@ def completion(shell: str) -> None:
 from cli.agent import agent, task_group  # noqa: E402
 from cli.doctor import doctor  # noqa: E402
 from cli.export import export  # noqa: E402
+from cli.ledger import checkpoint, prune, verify  # noqa: E402
 from cli.live import cleanup, run  # noqa: E402
 from cli.rules import rules_group  # noqa: E402
 from cli.history import report, timeline  # noqa: E402
 
 for command in (run, cleanup, rules_group, doctor, agent, task_group, export, timeline,
-                report):
+                report, verify, checkpoint, prune):
     main.add_command(command)
 
 if __name__ == "__main__":

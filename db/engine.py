@@ -18,11 +18,15 @@ def default_url() -> str:
     """SQLite under /var/lib/egress as root, else under the user's XDG data home."""
     if os.geteuid() == 0:
         return f"sqlite:///{ROOT_DB}"
-    data_home = os.environ.get("XDG_DATA_HOME", "")
-    # The XDG spec says a relative XDG_DATA_HOME is invalid and must be ignored.
-    if not os.path.isabs(data_home):
-        data_home = os.path.join(os.path.expanduser("~"), ".local", "share")
-    return f"sqlite:///{Path(data_home) / 'egress' / 'egress.db'}"
+    return f"sqlite:///{data_home() / 'egress' / 'egress.db'}"
+
+
+def data_home() -> Path:
+    """$XDG_DATA_HOME, or ~/.local/share (the XDG spec: a relative value is ignored)."""
+    value = os.environ.get("XDG_DATA_HOME", "")
+    if not os.path.isabs(value):
+        value = os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(value)
 
 
 def resolve_url(cli_url: str | None, config_url: str | None) -> str:

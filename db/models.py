@@ -171,3 +171,31 @@ class DnsBinding(Base):
     resolver_port: Mapped[int | None] = mapped_column(Integer)  # revision 0002
 
     __table_args__ = (Index("ix_dns_bindings_task_address_time", "task", "address", "time"),)
+
+
+class LedgerEntry(Base):
+    """One entry of a host's hash chain (db.ledger): the rows of one task one write added
+    or changed, or a prune's anchor.
+
+    ``body`` lists the rows, one ``TABLE ID DIGEST`` line each (DIGEST: SHA-256 of the
+    row's canonical encoding), or holds a prune's canonical record; ``digest`` is its
+    SHA-256. ``hash`` is SHA-256 of the canonical header (host, seq, prev, time, op,
+    task, key id, digest); ``mac`` is HMAC-SHA256 of ``hash`` under the task's key.
+    """
+
+    __tablename__ = "ledger"
+
+    host: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    time: Mapped[int] = mapped_column(BigInteger)
+    op: Mapped[str] = mapped_column(WORD)
+    task: Mapped[str | None] = mapped_column(TASK_ID)
+    key_id: Mapped[str] = mapped_column(String(32))
+    digest: Mapped[str] = mapped_column(String(64))
+    prev: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (CheckConstraint("op IN ('insert', 'update', 'carry', 'prune')",
+                                      name="op"),)

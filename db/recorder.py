@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from importlib import metadata
 
+from db import checkpoints
 from db.store import Store
 from egress.records import FlowRecord, Mode, NameBinding, TaskEvent
 from tagging.manifest import Purpose
@@ -25,7 +26,12 @@ class StoreRecorder:
     """Implements ``egress.replay.Recorder`` over a Store."""
 
     def __init__(self, store: Store, *, kind: str, sources: list[str]):
+        """Live runs also export checkpoints of this host's chain to syslog; every run to
+        $EGRESS_CHECKPOINTS when set (at most one every $EGRESS_CHECKPOINT_INTERVAL s, and
+        one at the end)."""
         self.store = store
+        self._checkpoints = checkpoints.Periodic(
+            checkpoints.Exporter.from_env(syslog=kind == "live"), checkpoints.interval_s())
         self.run_id = store.add_capture_run(kind, sources, _now_us(), _version())
 
     def task(self, task: str, purpose: Purpose, mode: Mode, started: int) -> None:
@@ -33,6 +39,7 @@ class StoreRecorder:
 
     def records(self, batch: list[FlowRecord | TaskEvent]) -> None:
         self.store.write(batch, capture_run_id=self.run_id)
+        self._checkpoints.tick(self.store)
 
     def bindings(self, batch: list[NameBinding]) -> None:
         self.store.add_bindings(batch)
@@ -46,3 +53,4 @@ class StoreRecorder:
 
     def finish_counters(self, inputs: dict, flows: dict) -> None:
         self.store.finish_capture_run(self.run_id, _now_us(), dict(inputs, flows=flows))
+        self._checkpoints.tick(self.store, final=True)

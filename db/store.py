@@ -13,9 +13,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from egress.records import FlowRecord, RecordError, TaskEvent
 from tagging.manifest import Purpose, check_task_id
-from db import mapping, migrate, models, queries
+from db import ledger as ledger_mod, mapping, migrate, models, queries
 from db.engine import describe, make_engine
 from db.errors import StoreError
+from db.ledger import Item, Ledger
+from db.ledgerkeys import LedgerKeyError
 from db.mapping import CaptureRun, Task
 from egress.records import NameBinding
 from db.queries import FlowFilter
@@ -26,7 +28,7 @@ CHUNK = 1000
 CAPTURE_KINDS = ("live", "replay")
 
 
-def _chunks(items: list, size: int = CHUNK) -> Iterator[list]:
+def chunks(items: list, size: int = CHUNK) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
 
@@ -34,13 +36,19 @@ def _chunks(items: list, size: int = CHUNK) -> Iterator[list]:
 class Store:
     """A database at the current schema. One session per call, or per ``session()`` block."""
 
-    def __init__(self, engine: Engine):
-        """Use ``Store.open``; this assumes the schema is already at head."""
+    def __init__(self, engine: Engine, ledger: Ledger | None = None):
+        """Use ``Store.open``; this assumes the schema is already at head.
+
+        Every row written is appended to ``ledger``'s chain (by default this host's,
+        signed with the default key file, made on the first write).
+        """
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self.ledger = ledger or Ledger()
+        self.ledger_on = ledger_mod.enabled()
 
     @classmethod
-    def open(cls, url: str) -> "Store":
+    def open(cls, url: str, ledger: Ledger | None = None) -> "Store":
         """Connect and migrate to head; StoreError if that fails or the database is newer."""
         try:
             engine = make_engine(url)
@@ -53,7 +61,7 @@ class Store:
         except BaseException:
             engine.dispose()
             raise
-        return cls(engine)
+        return cls(engine, ledger)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -77,6 +85,30 @@ class Store:
                 yield session
         except SQLAlchemyError as e:
             raise StoreError(f"database: {migrate.one_line(e)}") from e
+        except LedgerKeyError as e:
+            raise StoreError(str(e)) from None
+
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        """A write transaction holding this host's chain from its start (PostgreSQL), so a
+        writer never waits for the chain while holding row locks that a prune may need."""
+        with self.session() as s:
+            if self.ledger_on:
+                ledger_mod.lock_chain(s, self.ledger.host)
+            yield s
+
+    def _append(self, s: Session, items: list[Item]) -> None:
+        """Append the rows just written to the ledger, in the same transaction."""
+        if self.ledger_on and items:
+            self.ledger.append(s, items)
+
+    @staticmethod
+    def _items(table, rows: list[dict], ids: list, tasks: list | None = None) -> list[Item]:
+        """Ledger items of inserted rows (their tasks given, or each row's own)."""
+        name = table.name
+        return [Item.of_row(name, dict(row, id=i),
+                            tasks[n] if tasks is not None else ledger_mod.task_of(name, row))
+                for n, (row, i) in enumerate(zip(rows, ids))]
 
     # ------------------------------------------------------------ capture runs
 
@@ -86,18 +118,26 @@ class Store:
             raise StoreError(f"capture run kind {kind!r} is not live or replay")
         row = {"kind": kind, "sources": mapping.dumps(list(sources)), "started": started,
                "version": version}
-        with self.session() as s:
-            return s.execute(insert(models.CaptureRun).returning(models.CaptureRun.id),
-                             [row]).scalar_one()
+        with self._writing() as s:
+            run_id = s.execute(insert(models.CaptureRun).returning(models.CaptureRun.id),
+                               [row]).scalar_one()
+            self._append(s, self._items(models.CaptureRun.__table__, [row], [run_id]))
+            return run_id
 
     def finish_capture_run(self, run_id: int, ended: int, counters: dict) -> None:
         """Record a run's end and its counters (packets, flows, malformed, lost...)."""
-        table = models.CaptureRun.__table__
-        with self.session() as s:
-            done = s.execute(update(table).where(table.c.id == run_id)
-                             .values(ended=ended, counters=mapping.dumps(counters)))
+        self._update(models.CaptureRun.__table__, run_id, f"no capture run {run_id} in the store",
+                     ended=ended, counters=mapping.dumps(counters))
+
+    def _update(self, table, row_id, missing: str, **values) -> None:
+        """Set a row's mutable columns (db.ledger.MUTABLE) and append the change."""
+        with self._writing() as s:
+            done = s.execute(update(table).where(table.c.id == row_id).values(**values))
             if done.rowcount != 1:
-                raise StoreError(f"no capture run {run_id} in the store")
+                raise StoreError(missing)
+            row = dict(values, id=row_id)
+            self._append(s, [Item.of_row(table.name, row, ledger_mod.task_of(table.name, row),
+                                         op="update")])
 
     def capture_run(self, run_id: int) -> CaptureRun | None:
         table = models.CaptureRun.__table__
@@ -118,7 +158,7 @@ class Store:
         except ValueError as e:
             raise StoreError(str(e)) from None
         expanded = mapping.dumps(purpose.to_json())
-        with self.session() as s:
+        with self._writing() as s:
             existing = s.get(models.Task, task_id)
             if existing is not None:
                 # A purpose built in code has no file hash: compare what it expands to.
@@ -127,17 +167,16 @@ class Store:
                 if not same:
                     raise StoreError(f"task {task_id} is already in the store with another purpose")
                 return
-            s.add(models.Task(id=task_id, purpose=purpose.purpose,
-                              mode=str(mode or purpose.mode), sha256=purpose.sha256,
-                              expanded=expanded, started=started, ended=None,
-                              capture_run_id=capture_run_id))
+            row = {"id": task_id, "purpose": purpose.purpose, "mode": str(mode or purpose.mode),
+                   "sha256": purpose.sha256, "expanded": expanded, "started": started,
+                   "ended": None, "capture_run_id": capture_run_id}
+            s.add(models.Task(**row))
+            s.flush()
+            self._append(s, self._items(models.Task.__table__, [row], [task_id]))
 
     def end_task(self, task_id: str, ended: int) -> None:
-        table = models.Task.__table__
-        with self.session() as s:
-            done = s.execute(update(table).where(table.c.id == task_id).values(ended=ended))
-            if done.rowcount != 1:
-                raise StoreError(f"no task {task_id} in the store")
+        self._update(models.Task.__table__, task_id, f"no task {task_id} in the store",
+                     ended=ended)
 
     def task(self, task_id: str) -> Task | None:
         table = models.Task.__table__
@@ -177,23 +216,33 @@ class Store:
             row["latest"] = last[row["flow_id"]] == i
 
         flow_table, event_table = models.Flow.__table__, models.TaskEvent.__table__
-        with self.session() as s:
-            for chunk in _chunks(sorted(last)):
+        with self._writing() as s:
+            for chunk in chunks(sorted(last)):
                 s.execute(update(flow_table)
                           .where(flow_table.c.flow_id.in_(chunk), flow_table.c.latest.is_(True))
                           .values(latest=False))
-            findings = []
-            findings += self._insert_owners(s, flow_table, flows, "flow_row")
-            findings += self._insert_owners(s, event_table, events, "task_event_row")
-            if findings:
-                s.execute(insert(models.Finding.__table__), findings)
+            items: list[Item] = []
+            findings: list[dict] = []
+            owners: list[str | None] = []
+            for table, rows, owner in ((flow_table, flows, "flow_row"),
+                                       (event_table, events, "task_event_row")):
+                values = [row for row, _ in rows]
+                ids = self._insert(s, table, values)
+                items += self._items(table, values, ids)
+                for row_id, (row, obj) in zip(ids, rows):
+                    mine = mapping.finding_rows(obj, owner, row_id)
+                    findings += mine
+                    owners += [row["task"]] * len(mine)
+            finding_table = models.Finding.__table__
+            items += self._items(finding_table, findings,
+                                 self._insert(s, finding_table, findings), owners)
+            self._append(s, items)
 
     @staticmethod
-    def _insert_owners(s: Session, table, rows: list[tuple[dict, dict]], owner: str) -> list[dict]:
-        """Insert flow or event rows; return the findings rows pointing at their new ids."""
-        if not rows:
+    def _insert(s: Session, table, values: list[dict]) -> list[int]:
+        """Insert rows in one statement; their new ids, in order."""
+        if not values:
             return []
-        values = [row for row, _ in rows]
         if s.get_bind().dialect.name == "postgresql":
             # psycopg parses a multi-row RETURNING statement in Python, several times slower
             # than drawing ids from the sequence and inserting them by plain executemany.
@@ -202,11 +251,13 @@ class Store:
                                    .select_from(func.generate_series(1, len(values))))
                          .scalars().all())
             s.execute(insert(table), [dict(row, id=i) for row, i in zip(values, ids)])
-        else:
-            ids = s.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True),
-                            values).scalars().all()
-        return [f for row_id, (_, obj) in zip(ids, rows)
-                for f in mapping.finding_rows(obj, owner, row_id)]
+            return ids
+        # SQLite: RETURNING in parameter order costs one statement a row. The first INSERT
+        # takes the database's write lock until the commit, and each row gets max(id) + 1,
+        # so the rows just inserted are the newest len(values) ids, in order.
+        s.execute(insert(table), values)
+        last = s.execute(select(func.max(table.c.id))).scalar_one()
+        return list(range(last - len(values) + 1, last + 1))
 
     def flows(self, filt: FlowFilter = FlowFilter()) -> list[FlowRecord]:
         """The latest record of each matching flow, by start then flow_id."""
@@ -236,7 +287,7 @@ class Store:
     @staticmethod
     def _findings(s: Session, owner: str, row_ids: list[int]) -> dict[int, list]:
         found: dict[int, list] = defaultdict(list)
-        for chunk in _chunks(row_ids):
+        for chunk in chunks(row_ids):
             for f in s.execute(queries.findings_of(owner, chunk)).mappings():
                 found[f[owner]].append(f)
         return found
@@ -259,8 +310,9 @@ class Store:
         except RecordError as e:
             raise StoreError(f"cannot write a DNS binding: {e}") from None
         if values:
-            with self.session() as s:
-                s.execute(insert(models.DnsBinding.__table__), values)
+            table = models.DnsBinding.__table__
+            with self._writing() as s:
+                self._append(s, self._items(table, values, self._insert(s, table, values)))
 
     def bindings_for(self, task: str | None, address: str, before: int,
                      limit: int = 5) -> list[NameBinding]:

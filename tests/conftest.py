@@ -152,3 +152,10 @@ def store(store_url):
     """An open Store on a fresh database; closed after the test."""
     with Store.open(store_url) as s:
         yield s
+
+
+@pytest.fixture(autouse=True)
+def _ledger_key(tmp_path_factory, monkeypatch):
+    """Stores written by tests sign with a key of the test session, never the host's."""
+    monkeypatch.setenv("EGRESS_LEDGER_KEY",
+                       str(tmp_path_factory.getbasetemp() / "ledger.key"))
