@@ -31,6 +31,16 @@ def curl(lab, uid: int, url: str) -> str:
                     url, check=False).stdout
 
 
+def stop_and_read(lab, agent, db) -> list[dict]:
+    """SIGTERM to the agent, then the flow records of its store (port 443 only)."""
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=60) == 0, (lab.dir / "agent.log").read_text()
+    audit = subprocess.run([EGRESS, "audit", "--json", "--db", str(db)], capture_output=True,
+                           text=True)
+    records = [json.loads(line) for line in audit.stdout.splitlines()]
+    return [f for f in records if f.get("kind") == "flow" and f["dport"] == 443]
+
+
 BOUNDED = ["setpriv", "--bounding-set",
            "-all,+net_admin,+net_bind_service,+sys_ptrace,+dac_read_search", "--inh-caps", "-all"]
 """The capabilities examples/systemd/egress-agent.service gives the agent, and no others."""
@@ -65,12 +75,7 @@ def test_two_tasks_an_untagged_process_and_a_task_stopped_midway(lab, limits):
     lab.host(EGRESS, "task", "stop", "t1", "--socket", sock)
     assert curl(lab, T1, "https://203.0.113.20/") == "200"      # t1's rules are gone
 
-    agent.send_signal(signal.SIGTERM)
-    assert agent.wait(timeout=60) == 0, (lab.dir / "agent.log").read_text()
-    audit = subprocess.run([EGRESS, "audit", "--json", "--db", str(db)], capture_output=True,
-                           text=True)
-    flows = [json.loads(line) for line in audit.stdout.splitlines()]
-    flows = [f for f in flows if f.get("kind") == "flow" and f["dport"] == 443]
+    flows = stop_and_read(lab, agent, db)
 
     def of(task, dst):
         return sorted((f["verdict"] for f in flows if f["task"] == task and f["dst"] == dst))
@@ -118,13 +123,7 @@ def test_a_task_by_time_window_takes_the_unclaimed_flows_while_it_runs(lab):
     assert curl(lab, 0, "https://203.0.113.20/") == "200"           # root: never the task's
     lab.host(EGRESS, "task", "stop", "w1", "--socket", sock)
     assert curl(lab, STRANGER, "https://203.0.113.10/") == "200"    # after it: untagged
-    agent.send_signal(signal.SIGTERM)
-    assert agent.wait(timeout=60) == 0
-    audit = subprocess.run([EGRESS, "audit", "--json", "--db", str(db)], capture_output=True,
-                           text=True)
-    flows = [json.loads(line) for line in audit.stdout.splitlines()]
-    flows = [(f["task"], f["dst"], f["verdict"]) for f in flows
-             if f.get("kind") == "flow" and f["dport"] == 443]
+    flows = [(f["task"], f["dst"], f["verdict"]) for f in stop_and_read(lab, agent, db)]
     assert ("w1", "203.0.113.20", "flag") in flows
     assert (None, "203.0.113.10", "flag") in flows
     assert len(flows) == 2                       # root's flow is not recorded at all
@@ -177,13 +176,7 @@ def test_two_tasks_told_apart_by_their_cgroups(lab):
     assert curl_in("c1", "https://other.lab/") == "000"        # a name c1 may not resolve
     assert curl_in("c2", "https://other.lab/") == "200"
     assert curl_in("c2", "https://203.0.113.10/") == "000"
-    agent.send_signal(signal.SIGTERM)
-    assert agent.wait(timeout=60) == 0
-    audit = subprocess.run([EGRESS, "audit", "--json", "--db", str(db)], capture_output=True,
-                           text=True)
-    records = [json.loads(line) for line in audit.stdout.splitlines()]
-    flows = {(f["task"], f["dst"], f["verdict"]) for f in records
-             if f.get("kind") == "flow" and f["dport"] == 443}
+    flows = {(f["task"], f["dst"], f["verdict"]) for f in stop_and_read(lab, agent, db)}
     assert flows == {("c1", "203.0.113.10", "allow"), ("c2", "203.0.113.20", "allow"),
                      ("c2", "203.0.113.10", "block")}
 
@@ -213,12 +206,7 @@ def test_a_task_by_process_tree_takes_its_descendants_flows_only(lab):
     marker.touch()
     assert [s.wait(timeout=30) for s in shells] == [0, 0]
     lab.host(EGRESS, "task", "stop", "p1", "--socket", sock)
-    agent.send_signal(signal.SIGTERM)
-    assert agent.wait(timeout=60) == 0, (lab.dir / "agent.log").read_text()
-    audit = subprocess.run([EGRESS, "audit", "--json", "--db", str(db)], capture_output=True,
-                           text=True)
-    flows = [json.loads(line) for line in audit.stdout.splitlines()]
-    flows = [f for f in flows if f.get("kind") == "flow" and f["dport"] == 443]
+    flows = stop_and_read(lab, agent, db)
     assert sorted((str(f["task"]), f["verdict"]) for f in flows) == [("None", "flag"),
                                                                       ("p1", "flag")], (lab.dir / "agent.log").read_text()
     (mine,) = [f for f in flows if f["task"] == "p1"]
