@@ -169,6 +169,10 @@ def test_a_restarted_agent_picks_an_open_flow_up_as_the_same_flow(lab):
     # conntrack's counters cover the whole connection, before and after the restart
     assert flow["bytes_out"] > interim[0]["bytes_out"], (flow, interim)
     assert not (lab.dir / "agent.state.json").exists()       # no task left to take back
+    # two agents wrote interim and final records of one flow: the ledger holds them all
+    verified = subprocess.run([EGRESS, "verify", "--db", str(db)], capture_output=True,
+                              text=True)
+    assert verified.returncode == 0 and "ledger ok" in verified.stdout, verified
 
 
 def test_the_agent_and_egress_run_share_a_host_without_touching_each_other(lab):
