@@ -24,12 +24,16 @@ SOCKET_OPTION = click.option("--socket", "socket_path", type=click.Path(dir_okay
 @click.option("--mode", type=click.Choice(["audit", "enforce"]),
               help="The least mode of every task (a task's may be stricter, never looser).")
 @click.option("--group", help="A group whose members may use the control socket.")
+@click.option("--interface", "interfaces", multiple=True, metavar="IFACE",
+              help="Record only flows leaving by this interface (repeatable; default: every "
+                   "interface but loopback). Tasks' rules apply on every interface.")
 @click.option("--end-tasks-on-exit", is_flag=True,
               help="End every task when the agent stops (default: tasks stay, their rules "
                    "failing closed, and the next agent takes them and their open flows back).")
 @SOCKET_OPTION
 @click.pass_context
-def agent(ctx, db_url, no_store, mode, group, end_tasks_on_exit, socket_path) -> None:
+def agent(ctx, db_url, no_store, mode, group, interfaces, end_tasks_on_exit,
+          socket_path) -> None:
     """Audit a shared host where tasks come and go, in the foreground, until SIGTERM.
 
     Tasks are started and stopped with `egress task`; each gets its purpose's
@@ -45,6 +49,7 @@ def agent(ctx, db_url, no_store, mode, group, end_tasks_on_exit, socket_path) ->
     Examples:
       sudo egress agent --db postgresql://egress@db/egress
       sudo egress agent --mode enforce --group egress
+      sudo egress agent --interface eth0 --interface wg0
     """
     from db.background import BackgroundRecorder, WriterError
     from egress.enforce.agent import Agent, AgentError, AgentOptions
@@ -60,13 +65,19 @@ def agent(ctx, db_url, no_store, mode, group, end_tasks_on_exit, socket_path) ->
         gid = grp.getgrnam(group).gr_gid if group else None
     except KeyError:
         raise Failure(f"--group: no group {group!r}") from None
+    from egress.enforce.ruleset import Match
+    for name in interfaces:
+        try:
+            Match.parse(f"interface:{name}")
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--interface") from None
     group, queue = agent_numbers(cfg.netfilter.log_group, cfg.netfilter.queue)
     opts = AgentOptions(socket=Path(socket_path), mode=Mode(mode) if mode else None,
                         upstream=(cfg.resolver.upstream[0], 53) if cfg.resolver.upstream
                         else None, min_ttl=cfg.resolver.min_ttl,
                         nflog_group=group, queue=queue, mark_mask=cfg.netfilter.mark_mask,
                         first_packets=cfg.netfilter.first_packets or 64, group=gid,
-                        end_tasks_on_exit=end_tasks_on_exit)
+                        end_tasks_on_exit=end_tasks_on_exit, interfaces=tuple(interfaces))
     recorder = None
     try:
         if not no_store:

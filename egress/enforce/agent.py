@@ -73,6 +73,8 @@ class AgentOptions:
     queue: int = 1027
     """NFQUEUE numbers: a task's gate reads ``queue + its label`` (tasknet.agent_numbers:
     after every run's)."""
+    interfaces: tuple[str, ...] = ()
+    """Record only flows leaving by these interfaces (none: every one but loopback)."""
     end_tasks_on_exit: bool = False
     """End every task when the agent stops, instead of leaving them for the next agent."""
     read_back: object | None = None
@@ -143,6 +145,8 @@ class Agent:
                                  task_init=lambda: 1, purposes=self.purposes,
                                  label_prefix=agentrules.PREFIX)
         self.watch = gaterules.watch_mark(opts.mark_mask)
+        self.recording = agentrules.Recording(opts.nflog_group, opts.first_packets, self.watch,
+                                              tuple(opts.interfaces))
         self.gate: GateProcess | None = None
         self.picked_up = 0
         self.problems: list[str] = []
@@ -265,8 +269,7 @@ class Agent:
             slot = None
             try:
                 self._apply(generate_nft(rules) + arm_deadman(rules) + agentrules.add(
-                    task, names(task), match, resolver, self.opts.nflog_group,
-                    self.opts.first_packets, label, self.watch))
+                    task, names(task), match, resolver, label, self.recording))
                 server = Resolver(purpose, task, [(resolver, 53)], self.upstream,
                                   on_allow=lambda n, a: self._allow(rules, purpose, n, a),
                                   on_event=self._event, on_binding=self._binding,
@@ -302,7 +305,7 @@ class Agent:
         return resolver, label
 
     def _replies(self) -> str:
-        return agentrules.replies(self.opts.nflog_group, self.opts.first_packets, self.watch,
+        return agentrules.replies(self.recording,
                                   [(s.task, s.label) for s in self.tasks.values()])
 
     def _unload(self, rules: TaskRules, match: Match, slot: TaskSlot | None) -> None:
@@ -493,7 +496,7 @@ class Agent:
         threading.Thread(target=self._gate_events, name="egress-gate-events",
                          daemon=True).start()
         self.live.start()
-        self._apply(agentrules.base(self.opts.nflog_group, self.opts.first_packets, self.watch)
+        self._apply(agentrules.base(self.recording)
                     + gaterules.post_gate(self.opts.mark_mask, "output"))
         self.problems = self._restore()
         self.listen()

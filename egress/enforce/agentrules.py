@@ -22,6 +22,8 @@ whose its open flows are (a conntrack dump carries it). Flows the gate marked wa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from egress.enforce.recording import HEADERS, WATCH_PACKETS, WATCH_PREFIX
 from egress.enforce.ruleset import Match, nft_cgroup_path
 
@@ -45,8 +47,27 @@ def _key(match: Match) -> tuple[str, str, str]:
             f"rec_cgroup_l{level}")
 
 
-def _base(group: int, packets: int) -> list[str]:
-    t = TABLE
+@dataclass(frozen=True)
+class Recording:
+    """What the agent records of the host's flows."""
+    group: int
+    """The NFLOG group."""
+    packets: int
+    """First packets logged per flow direction."""
+    watch: int = 0
+    """The gate's watch mark: such flows are followed further, headers only."""
+    interfaces: tuple[str, ...] = ()
+    """Only flows leaving by these; none given: every interface but loopback."""
+
+    def scope(self) -> str:
+        if not self.interfaces:
+            return 'oifname "lo" return'
+        names = ", ".join(f'"{name}"' for name in self.interfaces)
+        return f"oifname != {{ {names} }} return"
+
+
+def _base(rec: Recording) -> list[str]:
+    t, group, packets = TABLE, rec.group, rec.packets
     lines = [f"add table {t}",
              f"add map {t} rec_uid {{ type uid : verdict; }}",
              f"add map {t} dns_uid {{ type uid : verdict; }}"]
@@ -55,8 +76,10 @@ def _base(group: int, packets: int) -> list[str]:
                   "verdict; }",
                   f"add map {t} dns_cgroup_l{n} {{ typeof socket cgroupv2 level {n} : "
                   "verdict; }"]
-    lines += [f"add chain {t} record {{ type filter hook output priority {PRIORITY}; "
+    # Before the DNS redirect's nat chain: a redirected lookup is recorded as the task sent it.
+    lines += [f"add chain {t} record {{ type filter hook output priority {PRIORITY - 5}; "
               "policy accept; }", f"flush chain {t} record",
+              f"add rule {t} record {rec.scope()}",
               f"add rule {t} record meta skuid vmap @rec_uid"]
     lines += [f"add rule {t} record socket cgroupv2 level {n} vmap @rec_cgroup_l{n}"
               for n in range(1, 9)]
@@ -74,28 +97,30 @@ def _base(group: int, packets: int) -> list[str]:
     return lines
 
 
-def base(group: int, packets: int, watch: int = 0) -> str:
+def base(rec: Recording) -> str:
     """The table and its base chains, with the untagged recording: loaded when the agent
     starts, before any task."""
-    return "\n".join(_base(group, packets)) + "\n" + replies(group, packets, watch, [])
+    return "\n".join(_base(rec)) + "\n" + replies(rec, [])
 
 
-def _watched(direction: str, packets: int, watch: int, group: int) -> str:
-    return (f"ct mark & {watch:#x} == {watch:#x} ct direction {direction} "
-            f"ct {direction} packets > {packets} ct {direction} packets <= {WATCH_PACKETS} "
-            f'log prefix "{WATCH_PREFIX}" group {group} snaplen {HEADERS}')
+def _watched(direction: str, rec: Recording) -> str:
+    return (f"ct mark & {rec.watch:#x} == {rec.watch:#x} ct direction {direction} "
+            f"ct {direction} packets > {rec.packets} "
+            f"ct {direction} packets <= {WATCH_PACKETS} "
+            f'log prefix "{WATCH_PREFIX}" group {rec.group} snaplen {HEADERS}')
 
 
-def replies(group: int, packets: int, watch: int, tasks: list[tuple[str, int]]) -> str:
+def replies(rec: Recording, tasks: list[tuple[str, int]]) -> str:
     """The input chain, rewritten whole as tasks come and go: the first reply packets of
     each task's flows (``(task, label)``) and of untagged ones, and watched flows' headers."""
     t = TABLE
     lines = [f"flush chain {t} replies"]
     for task, label in [*tasks, ("", UNTAGGED_LABEL)]:
         lines.append(f"add rule {t} replies ct label {label} ct direction reply "
-                     f'ct reply packets <= {packets} log prefix "{PREFIX}{task}" group {group}')
-    if watch:
-        lines.append(f"add rule {t} replies {_watched('reply', packets, watch, group)}")
+                     f"ct reply packets <= {rec.packets} "
+                     f'log prefix "{PREFIX}{task}" group {rec.group}')
+    if rec.watch:
+        lines.append(f"add rule {t} replies {_watched('reply', rec)}")
     return "\n".join(lines) + "\n"
 
 
@@ -103,19 +128,20 @@ def _chains(task_prefix: str) -> tuple[str, str]:
     return f"{task_prefix}_rec", f"{task_prefix}_dns"
 
 
-def add(task: str, task_prefix: str, match: Match, resolver: str, group: int,
-        packets: int, label: int, watch: int = 0) -> str:
+def add(task: str, task_prefix: str, match: Match, resolver: str, label: int,
+        recording: Recording) -> str:
     """The task's recording and DNS chains, and their dispatch entries. ``label``: the
-    connlabel bit of its flows (see ``replies``); ``watch``: the gate's watch mark."""
+    connlabel bit of its flows (see ``replies``)."""
     t, (rec, dns) = TABLE, _chains(task_prefix)
+    group, packets = recording.group, recording.packets
     expr, value, rec_map = _key(match)
     dns_map = rec_map.replace("rec_", "dns_")
-    lines = _base(group, packets) + [
+    lines = _base(recording) + [
         f"add chain {t} {rec}", f"flush chain {t} {rec}",
         f"add rule {t} {rec} ct state new ct label set {label}",
         f"add rule {t} {rec} ct direction original ct original packets <= {packets} "
         f'log prefix "{PREFIX}{task}" group {group}',
-        *([f"add rule {t} {rec} {_watched('original', packets, watch, group)}"] if watch else []),
+        *([f"add rule {t} {rec} {_watched('original', recording)}"] if recording.watch else []),
         f"add rule {t} {rec} accept",          # claimed: not logged again as untagged
         f"add chain {t} {dns}", f"flush chain {t} {dns}",
         f"add rule {t} {dns} meta l4proto {{ tcp, udp }} th dport 53 ip daddr != {resolver} "

@@ -211,3 +211,17 @@ def test_a_task_by_process_tree_takes_its_descendants_flows_only(lab):
                                                                       ("p1", "flag")], (lab.dir / "agent.log").read_text()
     (mine,) = [f for f in flows if f["task"] == "p1"]
     assert mine["process"]["exe"] == "/usr/bin/curl" and "/tree" in mine["process"]["cmdline"]
+
+
+@pytest.mark.parametrize("leaving_by, recorded", [("uplink", True), ("dummy0", False)])
+def test_interface_limits_what_is_recorded(lab, leaving_by, recorded):
+    lab.start_https("other.lab", "203.0.113.20")
+    sock, db = lab.dir / "agent.sock", lab.dir / "egress.db"
+    interface = lab.host_if if leaving_by == "uplink" else leaving_by
+    agent = lab.spawn("host", EGRESS, "agent", "--socket", sock, "--db", db, "--interface",
+                      interface, log="agent.log")
+    lab.wait_log("agent.log", "listening on")
+    assert curl(lab, STRANGER, "https://203.0.113.20/") == "200"
+    flows = stop_and_read(lab, agent, db)
+    assert [(f["task"], f["dst"]) for f in flows] == ([(None, "203.0.113.20")] if recorded
+                                                      else [])
