@@ -72,7 +72,8 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
            on_record: Callable[[FlowRecord | TaskEvent], None] | None = None,
            skipped: Counter | None = None,
            own_resolvers: frozenset[str] = frozenset(),
-           action_of: Callable[[FlowRecord], object] | None = None) -> ReplayResult:
+           action_of: Callable[[FlowRecord], object] | None = None,
+           task_lifecycle: bool = True) -> ReplayResult:
     """Judge a source's items under ``purpose``, in the order the source gives them.
 
     A source gives DNS bindings when the answer was seen and flows when they
@@ -82,7 +83,9 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
     purpose (a tasks file); ``purpose`` is for every other task. Untagged
     flows stay untagged and are flagged. ``own_resolvers``: live, the addresses of the
     task's own resolver, whose answers bind names. ``action_of``: live, what the kernel
-    did with a judged flow (the record's ``action``; null in replay).
+    did with a judged flow (the record's ``action``; null in replay). ``task_lifecycle``
+    False: tasks start and end elsewhere (the host agent's, when told), so no task-started
+    or task-ended event and no task row is written here.
     """
     purposes = purposes if purposes is not None else {}   # live: filled as tasks start
     owner = task or (purpose.task if purpose else None)
@@ -130,6 +133,8 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
         task_mode = p.effective_mode(mode)
         judge.policies[t] = TaskPolicy(t, p, task_mode, own_resolvers)
         spans[t] = [at, at]
+        if not task_lifecycle:
+            return
         if recorder is not None:
             recorder.task(t, p, task_mode, at)
         emit(TaskEvent(task=t, time=at, event="task-started"))
@@ -168,7 +173,7 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
         if len(pending) >= BATCH:
             flush()
 
-    for t, (_, last) in spans.items():
+    for t, (_, last) in spans.items() if task_lifecycle else ():
         emit(TaskEvent(task=t, time=last, event="task-ended"))
         if recorder is not None:
             recorder.end_task(t, last)

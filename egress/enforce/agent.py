@@ -43,7 +43,7 @@ from egress.enforce.ruleset import (Match, TaskRules, arm_deadman, elements_for_
                                     generate_nft, names, refresh_elements, remove_nft)
 from egress.enforce.run import _Switch, host_upstream
 from egress.judge import ANY_SERVER
-from egress.records import Mode
+from egress.records import Mode, TaskEvent
 from tagging import manifest
 
 SOCKET = Path("/run/egress/agent.sock")
@@ -217,6 +217,8 @@ class Agent:
             except (OSError, tasknet.NetError) as e:
                 self.stop_task(task)
                 raise AgentError(f"task {task}: following process {pid}: {e}") from None
+        if not again:
+            self._begin(task, self.purposes[task], Mode.AUDIT, self.claimed[task]["started"])
         return self.claimed[task]
 
     def _claim(self, key: tuple) -> str:
@@ -289,6 +291,8 @@ class Agent:
             self.tasks[task] = slot
             self._apply(self._replies())
             self._save()
+        if not again:
+            self._begin(task, purpose, effective, slot.started)
         return slot
 
     def _free(self, again: dict | None) -> tuple[str, int]:
@@ -326,6 +330,7 @@ class Agent:
             if claimed["pid"] is not None:
                 self.claims.remove(task)
             self.live.end_task(task)
+            self._end(task)
             return claimed
         with self._lock:
             slot = self.tasks.pop(task, None)
@@ -338,6 +343,7 @@ class Agent:
         slot.stats = self.gate.remove(slot.queue)
         self._apply(self._replies())
         self.live.end_task(task)
+        self._end(task)
         return slot
 
     def _binding(self, binding) -> None:
@@ -417,6 +423,18 @@ class Agent:
     def _event(self, event) -> None:
         if self.recorder is not None:
             self.recorder.records([event])
+
+    def _begin(self, task: str, purpose, mode: Mode, started: int) -> None:
+        """A task is in the store from its start, flows or not."""
+        if self.recorder is not None:
+            self.recorder.task(task, purpose, mode, started)
+            self._event(TaskEvent(task=task, time=started, event="task-started"))
+
+    def _end(self, task: str) -> None:
+        if self.recorder is not None:
+            now = time.time_ns() // 1000
+            self._event(TaskEvent(task=task, time=now, event="task-ended"))
+            self.recorder.end_task(task, now)
 
     # ------------------------------------------------------------ control socket
 

@@ -133,7 +133,8 @@ class LiveRecorder:
             self._judged["flows"] = replay(
                 source, opts.purpose, purposes=self.purposes, task=opts.task, mode=opts.mode,
                 min_ttl_s=opts.min_ttl, recorder=self.recorder, on_record=self._late,
-                action_of=self.action, own_resolvers=frozenset(self.own_resolvers))
+                action_of=self.action, own_resolvers=frozenset(self.own_resolvers),
+                task_lifecycle=self.label_prefix is None)
         except Exception as e:              # noqa: BLE001 - reported; the run goes on
             self.losses.append(f"recording failed: {e}")
         finally:

@@ -74,6 +74,11 @@ def test_two_tasks_an_untagged_process_and_a_task_stopped_midway(lab, limits):
 
     lab.host(EGRESS, "task", "stop", "t1", "--socket", sock)
     assert curl(lab, T1, "https://203.0.113.20/") == "200"      # t1's rules are gone
+    idle = lab.dir / "idle.toml"                 # a task without a single flow
+    idle.write_text(PURPOSE.format(purpose="idle", task="idle", mode="audit", host="pypi.lab"))
+    lab.host(EGRESS, "task", "start", "idle", "--purpose", idle, "--uid", "65530",
+             "--socket", sock)
+    lab.host(EGRESS, "task", "stop", "idle", "--socket", sock)
 
     flows = stop_and_read(lab, agent, db)
 
@@ -85,6 +90,14 @@ def test_two_tasks_an_untagged_process_and_a_task_stopped_midway(lab, limits):
     assert of("t2", "203.0.113.20") == ["allow"]
     assert of("t2", "203.0.113.10") == ["flag"]
     assert of(None, "203.0.113.20") == ["flag", "flag"]         # the stranger, t1 after stop
+    events = subprocess.run([EGRESS, "audit", "--json", "--db", str(db)], capture_output=True,
+                            text=True).stdout.splitlines()
+    events = [(e["task"], e["event"]) for e in map(json.loads, events)
+              if e["kind"] == "task-event" and e["event"].startswith("task-")]
+    for task in ("t1", "t2", "idle"):       # in the store from its start, flows or not
+        assert events.count((task, "task-started")) == 1, events
+    assert events.count(("t1", "task-ended")) == events.count(("idle", "task-ended")) == 1
+    assert ("t2", "task-ended") not in events       # still running when the agent stopped
     untagged = [f for f in flows if f["task"] is None]
     assert all("untagged" in {x["id"] for x in f["findings"]} for f in untagged)
 
