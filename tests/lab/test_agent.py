@@ -142,8 +142,9 @@ def test_a_task_by_time_window_takes_the_unclaimed_flows_while_it_runs(lab):
     assert len(flows) == 2                       # root's flow is not recorded at all
 
 
-def test_two_tasks_told_apart_by_their_cgroups(lab):
-    """Tasks by cgroup v2. The agent and the tasks' processes enter the lab's host by
+def test_two_tasks_by_cgroup_one_by_uid_an_untagged_process_and_one_stopped(lab):
+    """Tasks by cgroup v2 beside one by uid. The agent and the tasks' processes enter the
+    lab's host by
     `nsenter --net` (keeping this mount namespace, where /sys/fs/cgroup is; `ip netns exec`
     hides it, KERNEL.md). The upstream resolver is the lab's, named in a config file: the
     agent must not read this machine's own resolv.conf."""
@@ -177,6 +178,16 @@ def test_two_tasks_told_apart_by_their_cgroups(lab):
         subprocess.run([*enter, EGRESS, "task", "start", task, "--purpose",
                         lab.dir / f"{task}.toml", "--cgroup", name, "--socket", sock],
                        check=True, capture_output=True)
+    (lab.dir / "u1.toml").write_text(PURPOSE.format(purpose="by uid", task="u1",
+                                                    mode="enforce", host="pypi.lab"))
+    subprocess.run([*enter, EGRESS, "task", "start", "u1", "--purpose", lab.dir / "u1.toml",
+                    "--uid", str(T1), "--socket", sock], check=True, capture_output=True)
+
+    def curl_as(uid, url):
+        return subprocess.run(
+            [*enter, "setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
+             "curl", "-sk", "--max-time", "3", "-o", "/dev/null", "-w", "%{http_code}", url],
+            capture_output=True, text=True).stdout
 
     def curl_in(task, url):
         procs = groups[task][1] / "cgroup.procs"
@@ -189,9 +200,18 @@ def test_two_tasks_told_apart_by_their_cgroups(lab):
     assert curl_in("c1", "https://other.lab/") == "000"        # a name c1 may not resolve
     assert curl_in("c2", "https://other.lab/") == "200"
     assert curl_in("c2", "https://203.0.113.10/") == "000"
-    flows = {(f["task"], f["dst"], f["verdict"]) for f in stop_and_read(lab, agent, db)}
-    assert flows == {("c1", "203.0.113.10", "allow"), ("c2", "203.0.113.20", "allow"),
-                     ("c2", "203.0.113.10", "block")}
+    assert curl_as(T1, "https://pypi.lab/") == "200"            # u1, its DNS redirected
+    assert curl_as(T1, "https://203.0.113.20/") == "000"
+    assert curl_as(STRANGER, "https://203.0.113.20/") == "200"  # no task's: untagged
+    subprocess.run([*enter, EGRESS, "task", "stop", "c1", "--socket", sock], check=True,
+                   capture_output=True)
+    assert curl_in("c1", "https://203.0.113.20/") == "200"      # c1 has ended: untagged
+    flows = sorted(((f["task"], f["dst"], f["verdict"]) for f in stop_and_read(lab, agent, db)),
+                   key=str)
+    assert flows == sorted([("c1", "203.0.113.10", "allow"), ("c2", "203.0.113.20", "allow"),
+                            ("c2", "203.0.113.10", "block"), ("u1", "203.0.113.10", "allow"),
+                            ("u1", "203.0.113.20", "block"), (None, "203.0.113.20", "flag"),
+                            (None, "203.0.113.20", "flag")], key=str), flows
 
 
 def test_a_task_by_process_tree_takes_its_descendants_flows_only(lab):
