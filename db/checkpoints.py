@@ -32,6 +32,8 @@ from egress.records import RecordError, format_time, parse_time
 
 FILE_ENV = "EGRESS_CHECKPOINTS"
 INTERVAL_ENV = "EGRESS_CHECKPOINT_INTERVAL"
+SYSLOG_ENV = "EGRESS_SYSLOG"
+"""The syslog socket checkpoints go to (default /dev/log)."""
 DEFAULT_INTERVAL_S = 300
 KIND = "ledger-checkpoint"
 FIELDS = ("schema", "kind", "host", "seq", "hash", "time", "key", "mac")
@@ -148,11 +150,31 @@ class Exporter:
             except OSError as e:
                 raise StoreError(f"cannot append checkpoints to {self.file}: {e.strerror}") \
                     from None
-        if self.syslog:
-            import syslog
-            syslog.openlog("egress", syslog.LOG_PID, syslog.LOG_DAEMON)
-            for line in lines:
-                syslog.syslog(syslog.LOG_NOTICE, line)
+        if self.syslog and lines:
+            to_syslog(lines)
+
+
+def to_syslog(lines: list[str]) -> None:
+    """Each line to the syslog socket (``$EGRESS_SYSLOG``, else /dev/log: the journal on
+    systemd hosts), as ``egress[PID]: LINE``, facility daemon. No socket there: nothing is
+    sent (the file, if any, still has them)."""
+    import logging
+    import logging.handlers
+    address = os.environ.get(SYSLOG_ENV) or "/dev/log"
+    try:
+        handler = logging.handlers.SysLogHandler(
+            address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+    except OSError:
+        return
+    handler.setFormatter(logging.Formatter(f"egress[{os.getpid()}]: %(message)s"))
+    handler.handleError = lambda record: None          # a full or gone socket: not fatal
+    handler.append_nul = False          # a trailing NUL would end up in the journal's line
+    try:
+        for line in lines:
+            handler.emit(logging.LogRecord("egress", logging.WARNING, __file__, 0, line,
+                                           None, None))
+    finally:
+        handler.close()
 
 
 def interval_s() -> float:

@@ -47,7 +47,8 @@ def test_checkpoints_round_trip_and_catch_a_cut_tail(filled, tmp_path):
     line = json.loads(cps.read_text())
     assert line["kind"] == "ledger-checkpoint" and result.output.strip() == cps.read_text().strip()
     ok = run("verify", "--db", filled, "--checkpoints", cps)
-    assert ok.exit_code == 0 and "checkpoints ok: 1 of 1 match the store" in ok.output
+    assert ok.exit_code == 0 and "checkpoints ok: 1 of 1 match the store" in ok.output, \
+        ok.output
     sql(filled, f"DELETE FROM ledger WHERE seq = {line['seq']}")
     sql(filled, "UPDATE capture_runs SET ended = NULL, counters = NULL")
     assert run("verify", "--db", filled).exit_code == 0
@@ -88,3 +89,28 @@ def test_task_scope(filled):
     result = run("verify", "--db", filled, "--task", "deploy-speedup")
     assert result.exit_code == 0, result.output
     assert result.output.startswith("ledger ok: task deploy-speedup: ")
+
+
+def test_prune_sends_its_checkpoint_to_syslog_and_the_journal_lines_verify(filled, tmp_path,
+                                                                         monkeypatch):
+    """A real unix datagram socket stands where /dev/log (journald, rsyslog) would be: what
+    arrives there is what the journal keeps, and `journalctl -o cat`-style lines of it (the
+    syslog prefix before the JSON) are a checkpoint file `verify` reads."""
+    import socket
+    log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    log.bind(str(tmp_path / "log"))
+    log.settimeout(5)
+    monkeypatch.setenv("EGRESS_SYSLOG", str(tmp_path / "log"))
+    try:
+        pruned = run("prune", "--db", filled, "--before", "2000-01-01T00:00:00Z",
+                     "--checkpoints", tmp_path / "file.jsonl")
+        assert pruned.exit_code == 0, pruned.output
+        message = log.recv(65536).decode()
+    finally:
+        log.close()
+    assert message.startswith("<28>egress[") and '"kind":"ledger-checkpoint"' in message
+    journal = tmp_path / "journal.txt"
+    journal.write_text(message.split(">", 1)[1] + "\n")         # egress[PID]: {...}
+    ok = run("verify", "--db", filled, "--checkpoints", journal)
+    assert ok.exit_code == 0 and "checkpoints ok: 1 of 1 match the store" in ok.output, \
+        ok.output
