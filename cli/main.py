@@ -82,6 +82,8 @@ def main(ctx: click.Context, config_path: str | None) -> None:
         ctx.obj = config_mod.load(config_path)
     except config_mod.ConfigError as e:
         raise _fail(e)
+    import os
+    os.environ.update(ctx.obj.ledger.environment(os.environ))  # the store's writers read it
 
 
 # ------------------------------------------------------------------ purpose

@@ -20,6 +20,13 @@ log_group = 7                       # first NFLOG group (two per run: packets, r
 mark_mask = 0x00f00000              # the packet and ct mark bits egress may use (4 bits)
 priority = -180                     # base nft priority of our enforcing chains
 first_packets = 64                  # packets a flow direction logged whole; default: 64
+
+[ledger]                            # each also an environment variable, which wins
+key = "/var/lib/egress/ledger.key"  # EGRESS_LEDGER_KEY: the host secret (0600)
+host_id = "web-1"                   # EGRESS_HOST_ID: this host's chain; default: host name
+checkpoints = "/mnt/audit/egress-checkpoints.jsonl"   # EGRESS_CHECKPOINTS: appended to
+checkpoint_interval = 300           # EGRESS_CHECKPOINT_INTERVAL: seconds, live writers
+syslog = "/dev/log"                 # EGRESS_SYSLOG: where checkpoints go to syslog
 ```
 """
 
@@ -73,6 +80,26 @@ class Netfilter:
 
 
 @dataclass(frozen=True)
+class Ledger:
+    """Where the ledger's key and checkpoints are (db.ledgerkeys, db.checkpoints read them
+    from the environment; ``environment`` gives them from here where it does not)."""
+    key: str | None = None
+    host_id: str | None = None
+    checkpoints: str | None = None
+    checkpoint_interval: int | None = None
+    syslog: str | None = None
+
+    ENV = {"key": "EGRESS_LEDGER_KEY", "host_id": "EGRESS_HOST_ID",
+           "checkpoints": "EGRESS_CHECKPOINTS",
+           "checkpoint_interval": "EGRESS_CHECKPOINT_INTERVAL", "syslog": "EGRESS_SYSLOG"}
+
+    def environment(self, env: dict) -> dict:
+        """The variables this sets that ``env`` does not already have."""
+        return {var: str(getattr(self, key)) for key, var in self.ENV.items()
+                if getattr(self, key) is not None and not env.get(var)}
+
+
+@dataclass(frozen=True)
 class Config:
     database: str | None = None
     """The store's URL; None means the default (see db.default_url)."""
@@ -81,6 +108,7 @@ class Config:
     pools: Pools = field(default_factory=Pools)
     resolver: Resolver = field(default_factory=Resolver)
     netfilter: Netfilter = field(default_factory=Netfilter)
+    ledger: Ledger = field(default_factory=Ledger)
     source: str | None = None
     """The file it was read from; None for the built-in defaults."""
 
@@ -127,7 +155,7 @@ def parse(raw: bytes, source: str = "<config>") -> Config:
         keys(table, allowed, name + ".")
         return table
 
-    keys(data, ("database", "retention_days", "pools", "resolver", "netfilter"))
+    keys(data, ("database", "retention_days", "pools", "resolver", "netfilter", "ledger"))
     out: dict = {"source": source}
     if "database" in data:
         if not isinstance(data["database"], str) or not data["database"]:
@@ -168,4 +196,12 @@ def parse(raw: bytes, source: str = "<config>") -> Config:
         if key in nf:
             checked[key] = integer(nf, key, "netfilter.", lo, hi)
     out["netfilter"] = Netfilter(**checked)
+
+    ledger = section("ledger", tuple(Ledger.ENV))
+    for key, value in ledger.items():
+        if key == "checkpoint_interval":
+            integer(ledger, key, "ledger.", 1, 86400)
+        elif not isinstance(value, str) or not value:
+            fail(f"ledger.{key}", "expected a non-empty string")
+    out["ledger"] = Ledger(**ledger)
     return Config(**out)

@@ -39,6 +39,9 @@ def test_full_config(tmp_path):
     ('[netfilter]\nqueue = 70000', "netfilter.queue"),
     ('[netfilter]\nmark_mask = 0', "netfilter.mark_mask"),
     ('retention_days = "forever"', "retention_days"),
+    ('[ledger]\nkey_file = "/k"', "ledger.key_file"),
+    ('[ledger]\ncheckpoint_interval = 0', "ledger.checkpoint_interval"),
+    ('[ledger]\nhost_id = ""', "ledger.host_id"),
 ])
 def test_bad_config_names_key(tmp_path, text, key):
     path = tmp_path / "config.toml"
@@ -47,3 +50,14 @@ def test_bad_config_names_key(tmp_path, text, key):
         config.load(path)
     assert str(info.value).startswith(f"{path}: {key}: ")
     assert "\n" not in str(info.value)
+
+
+def test_the_ledger_section_fills_the_environment_the_store_reads_but_never_overrides(
+        tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('[ledger]\nkey = "/srv/k"\nhost_id = "web-1"\ncheckpoint_interval = 60\n')
+    ledger = config.load(path).ledger
+    assert ledger.environment({}) == {"EGRESS_LEDGER_KEY": "/srv/k", "EGRESS_HOST_ID": "web-1",
+                                      "EGRESS_CHECKPOINT_INTERVAL": "60"}
+    assert ledger.environment({"EGRESS_HOST_ID": "mine"}) == {
+        "EGRESS_LEDGER_KEY": "/srv/k", "EGRESS_CHECKPOINT_INTERVAL": "60"}
