@@ -256,17 +256,20 @@ class Agent:
             if any(s.match == match for s in self.tasks.values()):
                 raise AgentError(f"{match} already belongs to a running task")
             resolver, label = self._free(again)
-            block, allow, _ = gaterules.marks(self.opts.mark_mask)
+            block, allow, deny = gaterules.marks(self.opts.mark_mask)
+            # A refused first packet goes by the gate too, which finds its process while
+            # the socket exists, then refuses it (as under egress run).
             rules = TaskRules(task=task, purpose=purpose, match=match, mode=effective.value,
                               resolver4=resolver, nflog_group=self.opts.nflog_group + 1,
                               mark_mask=self.opts.mark_mask, dns_redirected=True,
-                              deadman_seconds=self.opts.deadman_s)
+                              deadman_seconds=self.opts.deadman_s, block_mark=block,
+                              deny_mark=deny)
             queue = self.opts.queue + label
             self.gate.add(GateSpec(queue=queue, task=task, purpose=purpose, mode=effective,
                                    allow_mark=allow, block_mark=block,
                                    own_resolvers=frozenset({resolver, ANY_SERVER}),
                                    min_ttl=self.opts.min_ttl, mask=self.opts.mark_mask,
-                                   watch_mark=self.watch, host=True))
+                                   deny_mark=deny, watch_mark=self.watch, host=True))
             self.purposes[task] = purpose
             slot = None
             try:
