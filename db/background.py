@@ -9,6 +9,7 @@ This module imports nothing heavy: the child imports the store.
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import traceback
 
 from egress.records import FlowRecord, Mode, NameBinding, TaskEvent
@@ -47,7 +48,7 @@ def _child(conn, inbox, cli_url: str | None, config_url: str | None, kind: str,
             verb, args = inbox.get()
             if verb == "stop":
                 return
-            if error is not None and verb != "finish":
+            if error is not None and verb != "finish" and kind != "live":
                 continue            # the first error is what the user needs; drain the rest
             try:
                 if verb == "finish":
@@ -57,7 +58,9 @@ def _child(conn, inbox, cli_url: str | None, config_url: str | None, kind: str,
                     return
                 getattr(recorder, verb)(*args)
             except StoreError as e:
-                error = str(e)
+                error = error or str(e)
+                if kind == "live":          # a long-lived writer goes on: say it now
+                    print(f"egress: store: {e}", file=sys.stderr, flush=True)
             except Exception as e:      # a bug of ours: never let it pass silently
                 error = f"store writer failed: {type(e).__name__}: {e}"
                 traceback.print_exc()

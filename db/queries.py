@@ -26,6 +26,8 @@ class FlowFilter:
     """A finding id: only flows (and events) that carry it, waived or not."""
     limit: int | None = None
     """At most this many, the earliest first."""
+    open_only: bool = False
+    """Only flows whose latest record is interim: open when last recorded."""
 
     def __post_init__(self):
         if self.verdict is not None:
@@ -44,6 +46,8 @@ def latest_flows(filt: FlowFilter) -> Select:
     """The latest record of each flow that the filter matches, by start then flow_id."""
     flow = models.Flow
     query = select(*flow.__table__.c).where(flow.latest.is_(True))
+    if filt.open_only:
+        query = query.where(flow.event == "interim")
     if filt.task is not None:
         query = query.where(flow.task == filt.task)
     if filt.until is not None:

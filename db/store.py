@@ -331,11 +331,12 @@ class Store:
 
 
 def read_back(url: str, tasks: list[str]) -> tuple[list[FlowRecord], list[NameBinding]]:
-    """What a restarted host agent takes back of its tasks: the last record of each flow
-    still open when it stopped (written as interim), and their DNS bindings."""
-    flows, bindings = [], []
+    """What a restarted host agent takes back of its tasks: the last record of each of
+    their flows, and of untagged ones, still open when it stopped (written as interim),
+    and the tasks' DNS bindings."""
+    wanted = set(tasks)
     with Store.open(url) as store:
-        for task in tasks:
-            flows += [f for f in store.flows(FlowFilter(task=task)) if f.event == "interim"]
-            bindings += store.bindings(FlowFilter(task=task))
+        flows = [f for f in store.flows(FlowFilter(open_only=True))
+                 if f.task is None or f.task in wanted]
+        bindings = [b for task in tasks for b in store.bindings(FlowFilter(task=task))]
     return flows, bindings

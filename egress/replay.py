@@ -19,6 +19,13 @@ from egress.records import (FlowRecord, Mode, NameBinding, Severity, TaskEvent, 
 from tagging.manifest import Purpose
 
 BATCH = 500
+@dataclass(frozen=True)
+class Rebind:
+    """A binding the store already has (a restarted agent's): the judge takes it back, the
+    recorder does not write it again."""
+    binding: NameBinding
+
+
 FLUSH = "flush"
 """An item a live source puts between records when a second has passed: what is judged is
 written now, not when a batch fills (a live record is never held back for long)."""
@@ -143,6 +150,10 @@ def replay(items: Iterable[FlowRecord | NameBinding], purpose: Purpose | None, *
     for item in items:
         if item is FLUSH:
             flush()
+            continue
+        if isinstance(item, Rebind):
+            if judge.admits(item.binding):
+                judge.bindings.add(item.binding)
             continue
         if isinstance(item, NameBinding):
             if owner and item.task is not None:

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from egress.enforce import agentrules, gaterules, purposefile, tasknet
-from egress.enforce.claims import QUEUE_OFFSET, TreeClaims
+from egress.enforce.claims import FOUND_MAX, QUEUE_OFFSET, TreeClaims
 from egress.enforce.gateproc import GateProcess, GateSpec
 from egress.enforce.liverecord import LiveRecorder
-from egress.enforce.nft import Nft
+from egress.enforce.nft import Nft, NftError
 from egress.enforce.resolver import Resolver
 from egress.enforce.ruleset import (Match, TaskRules, arm_deadman, elements_for_name,
                                     generate_nft, names, refresh_elements, remove_nft)
@@ -107,7 +107,7 @@ class TaskSlot:
     resolver: str
     started: int
     rules: TaskRules
-    server: Resolver
+    server: Resolver | None
     switch: _Switch
     label: int
     queue: int
@@ -149,6 +149,8 @@ class Agent:
                                               tuple(opts.interfaces))
         self.gate: GateProcess | None = None
         self.picked_up = 0
+        self._last_label = 0
+        self._pending: dict[tuple, str] = {}   # untagged flows' window task, at their start
         self.problems: list[str] = []
         self.live.own_resolvers = set(RESOLVERS) | {ANY_SERVER}
         self.claimed: dict[str, dict] = {}
@@ -174,7 +176,7 @@ class Agent:
 
     @property
     def window(self) -> dict | None:
-        return next((c for c in self.claimed.values() if c["pid"] is None), None)
+        return next((c for c in tuple(self.claimed.values()) if c["pid"] is None), None)
 
     def start_claimed_task(self, task: str, purpose_path: str, pid: int | None = None,
                            again: dict | None = None) -> dict:
@@ -221,16 +223,27 @@ class Agent:
             self._begin(task, self.purposes[task], Mode.AUDIT, self.claimed[task]["started"])
         return self.claimed[task]
 
-    def _claim(self, key: tuple) -> str:
+    def _claim(self, key: tuple, final: bool) -> str:
         """The task of a flow no uid or cgroup task claimed (``key``: proto, src, sport, dst,
-        dport): the process tree its socket's holder was found in, else the task by time
-        window, else none ("")."""
+        dport): the process tree its socket's holder was found in; else the task by time
+        window when the flow started; else none (""). While process trees are followed, the
+        answer at the first packet waits (the tree's lookup may not be done yet) and the
+        window of that moment is kept for the final one."""
         found = self.claims.take(key)
         if found is not None:
             self.live.owner(key, found[1])
+            self._pending.pop(key, None)
             return found[0]
+        if final:
+            return self._pending.pop(key, "")
         window = self.window
-        return window["task"] if window else ""
+        task = window["task"] if window else ""
+        if not self.claims.trees:
+            return task
+        self._pending[key] = task
+        while len(self._pending) > FOUND_MAX:
+            self._pending.pop(next(iter(self._pending)))
+        return ""
 
     def start_task(self, task: str, purpose_path: str, match_text: str | None,
                    mode: str | None = None, *, again: dict | None = None) -> TaskSlot | dict:
@@ -265,31 +278,30 @@ class Agent:
                               deadman_seconds=self.opts.deadman_s, block_mark=block,
                               deny_mark=deny)
             queue = self.opts.queue + label
-            self.gate.add(GateSpec(queue=queue, task=task, purpose=purpose, mode=effective,
-                                   allow_mark=allow, block_mark=block,
-                                   own_resolvers=frozenset({resolver, ANY_SERVER}),
-                                   min_ttl=self.opts.min_ttl, mask=self.opts.mark_mask,
-                                   deny_mark=deny, watch_mark=self.watch, host=True))
-            self.purposes[task] = purpose
-            slot = None
+            slot = TaskSlot(task, match, effective, str(purpose_path), resolver,
+                            again["started"] if again else time.time_ns() // 1000,
+                            rules, None, _Switch(self._apply, rules), label, queue,
+                            requested=effective.value)
             try:
+                self.gate.add(GateSpec(queue=queue, task=task, purpose=purpose, mode=effective,
+                                       allow_mark=allow, block_mark=block,
+                                       own_resolvers=frozenset({resolver, ANY_SERVER}),
+                                       min_ttl=self.opts.min_ttl, mask=self.opts.mark_mask,
+                                       deny_mark=deny, watch_mark=self.watch, host=True))
+                self.purposes[task] = purpose
                 self._apply(generate_nft(rules) + arm_deadman(rules) + agentrules.add(
                     task, names(task), match, resolver, label, self.recording))
-                server = Resolver(purpose, task, [(resolver, 53)], self.upstream,
-                                  on_allow=lambda n, a: self._allow(rules, purpose, n, a),
-                                  on_event=self._event, on_binding=self._binding,
-                                  min_ttl=self.opts.min_ttl,
-                                  host_addresses=tasknet.host_addresses())
-                slot = TaskSlot(task, match, effective, str(purpose_path), resolver,
-                                again["started"] if again else time.time_ns() // 1000,
-                                rules, server, _Switch(self._apply, rules), label, queue,
-                                requested=mode)
+                slot.server = Resolver(purpose, task, [(resolver, 53)], self.upstream,
+                                       on_allow=lambda n, a: self._allow(rules, purpose, n, a),
+                                       on_event=self._event, on_binding=self._binding,
+                                       min_ttl=self.opts.min_ttl,
+                                       host_addresses=tasknet.host_addresses())
                 gaterules.add_local(**slot.queue_rules)
-                server.start()
-            except (OSError, tasknet.NetError) as e:
-                self._unload(rules, match, slot)
-                self.gate.remove(queue)
-                raise AgentError(f"task {task}: {e}") from None
+                slot.server.start()
+            except (OSError, RuntimeError, tasknet.NetError, NftError) as e:
+                self.purposes.pop(task, None)
+                self._unload(slot)
+                raise AgentError(f"task {task}: {' '.join(str(e).split())}") from None
             slot.switch.start()
             self.tasks[task] = slot
             self._apply(self._replies())
@@ -306,23 +318,34 @@ class Agent:
         taken = {s.resolver for s in self.tasks.values()}
         labels = {s.label for s in self.tasks.values()}
         resolver = next((r for r in RESOLVERS if r not in taken), None)
-        label = next((n for n in agentrules.LABELS if n not in labels), None)
+        # Labels rotate: a stopped task's flows may still be open with its bit.
+        order = [*agentrules.LABELS]
+        start = order.index(self._last_label) + 1 if self._last_label in order else 0
+        label = next((n for n in order[start:] + order[:start] if n not in labels), None)
         if resolver is None or label is None:
             raise AgentError("no resolver address or label left for another task")
+        self._last_label = label
         return resolver, label
 
     def _replies(self) -> str:
         return agentrules.replies(self.recording,
                                   [(s.task, s.label) for s in self.tasks.values()])
 
-    def _unload(self, rules: TaskRules, match: Match, slot: TaskSlot | None) -> None:
-        """Whatever of a task's rules is loaded; quietly, as far as it goes."""
-        if slot is not None:
-            gaterules.remove_local(**slot.queue_rules)
+    def _unload(self, slot: TaskSlot) -> dict:
+        """Whatever of a task's kernel state is loaded, quietly, as far as it goes: its queue
+        rules (either mode's: a previous agent may have run it in the other), its ruleset
+        and recording, its gate. The gate's counters."""
+        for audit in (False, True):
+            gaterules.remove_local(**dict(slot.queue_rules, audit=audit))
         try:
-            self._apply(remove_nft(rules) + agentrules.remove(names(rules.task), match))
-        except Exception:                   # noqa: BLE001 - never loaded
+            self._apply(remove_nft(slot.rules)
+                        + agentrules.remove(names(slot.task), slot.match))
+        except Exception:                   # noqa: BLE001 - never loaded, or gone already
             pass
+        try:
+            return self.gate.remove(slot.queue)
+        except (OSError, RuntimeError, EOFError):
+            return {}
 
     def stop_task(self, task: str) -> TaskSlot | dict:
         with self._lock:
@@ -342,8 +365,7 @@ class Agent:
             self._save()
         slot.switch.stopped.set()
         slot.server.stop()
-        self._unload(slot.rules, slot.match, slot)
-        slot.stats = self.gate.remove(slot.queue)
+        slot.stats = self._unload(slot)
         self._apply(self._replies())
         self.live.end_task(task)
         self._end(task)
@@ -371,7 +393,8 @@ class Agent:
 
     def _restore(self) -> list[str]:
         """The tasks the previous agent left, their DNS bindings, and their open flows, as
-        the same flows. Returns one line per problem (a task that cannot come back)."""
+        the same flows. Returns one line per problem (a task that cannot come back: what
+        it left in the kernel is removed)."""
         try:
             state = json.loads(self.state_path.read_text())
         except FileNotFoundError:
@@ -383,44 +406,81 @@ class Agent:
             match = None if t.get("match") == "time window" else t.get("match")
             try:
                 self.start_task(t["task"], t["purpose"], match, t.get("mode"), again=t)
-            except (KeyError, AgentError, ValueError, OSError, manifest.ManifestError,
-                    purposefile.PurposeFileError) as e:
+            except (KeyError, AgentError, ValueError, OSError, RuntimeError,
+                    manifest.ManifestError, purposefile.PurposeFileError) as e:
+                self._remove_leftovers(t)
                 problems.append(f"task {t.get('task')}: not restored: {' '.join(str(e).split())}")
         self._save()
-        problems += self._pick_up()
+        try:
+            self._pick_up()
+        except (OSError, RuntimeError, ValueError) as e:   # the store or conntrack: said, not fatal
+            problems.append(f"open flows not picked up: {' '.join(str(e).split())}")
         return problems
 
-    def _pick_up(self) -> list[str]:
-        """Open flows of the tasks, from a conntrack dump, by their connlabel; each with its
-        last stored record, so its observations and verdict go on."""
+    def _remove_leftovers(self, t: dict) -> None:
+        """What a task the previous agent ran left in the kernel, when it cannot come back:
+        its ruleset (found by its match), recording and DNS chains, and queue rules."""
+        from egress.enforce.rulesapply import RulesError, remove as remove_rules
+        try:
+            match = Match.parse(t["match"])
+            label = int(t["label"])
+        except (KeyError, TypeError, ValueError):
+            return                          # a task no kernel rule matched
+        with self._nft_lock:
+            try:
+                remove_rules(match, nft=self._nft)
+            except RulesError:
+                pass
+        try:
+            self._apply(agentrules.remove(names(t["task"]), match))
+        except Exception:                   # noqa: BLE001 - gone already
+            pass
+        for audit in (False, True):
+            gaterules.remove_local(match.kind, match.value, self.opts.queue + label,
+                                   self.opts.mark_mask, audit)
+
+    def _pick_up(self) -> None:
+        """Open flows of the tasks, from a conntrack dump, by their connlabel (untagged ones
+        and the process trees' by their stored record); each with its last stored record, so
+        its observations and verdict go on. A stored open flow no longer in conntrack ended
+        while no agent ran: it is closed as it was last seen."""
         from egress.enforce.ctevents import dump as ct_dump
+        from egress.replay import Rebind
         owners = {s.label: s.task for s in self.tasks.values()}
-        owners[agentrules.UNTAGGED_LABEL] = self.window["task"] if self.window else None
-        stored, bindings = self._stored([t for t in owners.values() if t])
-        for binding in bindings:
-            self._binding(binding)
+        stored, bindings = self._stored([*owners.values(), *self.claimed])
+        for binding in bindings:            # to the judges only: the store has them
+            self.gate.bind(binding)
+            self.live.items.put(("binding", Rebind(binding)))
         picked = 0
         for entry in ct_dump():
-            label = next((n for n in owners if entry.labels >> n & 1), None)
             t = entry.orig
-            if label is None or t is None:
+            if t is None:
                 continue
-            task = owners[label]
-            key = (task, t.proto, t.src, t.sport, t.dst, t.dport)
-            self.live.items.put(("resume", entry, task, stored.get(key)))
+            label = next((n for n in owners if entry.labels >> n & 1), None)
+            record = stored.pop((t.proto, t.src, t.sport, t.dst, t.dport), None)
+            if label is not None:
+                task = owners[label]
+            elif entry.labels >> agentrules.UNTAGGED_LABEL & 1 and record is not None:
+                task = record.task          # a process tree's, the window's, or untagged
+            else:
+                continue
+            if record is not None and record.task != task:
+                record = None               # the tuple was another task's, earlier
+            self.live.items.put(("resume", entry, task, record))
             picked += 1
+        for record in stored.values():
+            self.live.items.put(("resume", None, record.task, record))
         self.picked_up = picked
-        return []
 
     def _stored(self, tasks: list[str]) -> tuple[dict, list]:
-        """The last stored record of each open (interim) flow of ``tasks``, by task and tuple,
-        and the tasks' DNS bindings."""
-        if not tasks or self.opts.read_back is None:
+        """The last stored record of each open (interim) flow of ``tasks`` and of untagged
+        ones, by tuple, and the tasks' DNS bindings."""
+        if self.opts.read_back is None:
             return {}, []
         from egress.sources.capture import PROTO_NAMES
         numbers = {name: n for n, name in PROTO_NAMES.items()}
         flows, bindings = self.opts.read_back(tasks)
-        return {(f.task, numbers.get(f.proto), f.src, f.sport, f.dst, f.dport): f
+        return {(numbers.get(f.proto), f.src, f.sport, f.dst, f.dport): f
                 for f in flows}, bindings
 
     def _event(self, event) -> None:
@@ -463,7 +523,7 @@ class Agent:
             raise AgentError(f"unknown request {op!r}")
         except KeyError as e:
             return {"ok": False, "error": f"request {op!r} lacks {e.args[0]!r}"}
-        except (AgentError, ValueError, OSError, manifest.ManifestError,
+        except (AgentError, ValueError, OSError, RuntimeError, manifest.ManifestError,
                 purposefile.PurposeFileError) as e:
             return {"ok": False, "error": " ".join(str(e).split())}
 
@@ -481,6 +541,8 @@ class Agent:
                     reply = self.handle(request if isinstance(request, dict) else {})
                 except (OSError, ValueError) as e:
                     reply = {"ok": False, "error": f"bad request: {e}"}
+                except Exception as e:      # noqa: BLE001 - a bug of ours: the socket stays up
+                    reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
                 try:
                     conn.sendall(json.dumps(reply).encode() + b"\n")
                 except OSError:
@@ -516,10 +578,11 @@ class Agent:
         self.gate.wait_ready()
         threading.Thread(target=self._gate_events, name="egress-gate-events",
                          daemon=True).start()
-        self.live.start()
         self._apply(agentrules.base(self.recording)
                     + gaterules.post_gate(self.opts.mark_mask, "output"))
+        # Tasks and open flows back first: their records go on before any new packet's.
         self.problems = self._restore()
+        self.live.start()
         self.listen()
         on_ready(self)
         self._stop.wait()
@@ -542,6 +605,8 @@ class Agent:
         """Stop. The tasks stay for the next agent (their rules fail closed meanwhile) and
         their open flows are written as interim records; unless ``end_tasks_on_exit``."""
         keep = not self.opts.end_tasks_on_exit
+        if self._server is not None:        # no task starts or stops from here on
+            self._server.close()
         for task in list(self.tasks) + list(self.claimed):
             if keep:
                 slot = self.tasks.get(task)
@@ -554,7 +619,6 @@ class Agent:
             except (AgentError, OSError):
                 pass
         if self._server is not None:
-            self._server.close()
             try:
                 Path(self.opts.socket).unlink()
             except FileNotFoundError:

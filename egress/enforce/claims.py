@@ -17,6 +17,8 @@ import threading
 from egress.enforce import agentrules, gaterules
 from egress.enforce.tasknet import sh
 
+FOUND_MAX = 16384
+"""Claims kept for the record to take; the oldest go first (flows that were never logged)."""
 QUEUE_OFFSET = 0
 """The claim queue is the agent's first queue number (tasks take ``queue + label``, label
 1 and up)."""
@@ -110,6 +112,8 @@ class TreeClaims:
             if info is not None and descends(info.pid, root):
                 with self._lock:
                     self.found[key[:5]] = (task, info.record())
+                    while len(self.found) > FOUND_MAX:     # flows never recorded
+                        self.found.pop(next(iter(self.found)))
                 self.stats["claimed"] += 1
                 return
         self.stats["unknown"] += 1

@@ -43,19 +43,23 @@ def watch_mark(mask: int) -> int:
     return (mask & -mask) << 3
 
 
-def _task_rules(who: list[str], queue: int, mask: int, audit: bool) -> list[list[str]]:
+def _task_rules(who: list[str], queue: int, mask: int, audit: bool,
+                every_syn: bool = False) -> list[list[str]]:
     """``who``: the iptables match of the task's packets (its interface, or its sockets'
-    owner). A bare SYN is not queued (it carries no payload: Fast Open is off in the task's
-    namespace, and a task without CAP_NET_RAW cannot craft one that does), unless the
-    ruleset marked it refused (the gate finds its process first)."""
+    owner). Under egress run a bare SYN is not queued (it carries no payload: Fast Open is
+    off in the task's namespace, and a task without CAP_NET_RAW cannot craft one that does),
+    unless the ruleset marked it refused (the gate finds its process first). ``every_syn``:
+    a host's own sockets may send data in the SYN (Fast Open is the host's to set), so every
+    SYN is queued; the gate lets one without payload go at once."""
     bypass = ["--queue-bypass"] if audit else []
     common = [*who, "-m", "conntrack", "--ctdir", "ORIGINAL",
               "-m", "connmark", "--mark", f"0x0/{mask:#x}"]
     queue_to = ["-j", "NFQUEUE", "--queue-num", str(queue), *bypass]
     _, _, deny = marks(mask)
-    return [[*common, "-p", "tcp", "!", "--syn", *queue_to],
-            [*common, "-p", "tcp", "--syn", "-m", "mark", "--mark", f"{deny:#x}/{mask:#x}",
-             *queue_to],
+    syn = ([[*common, "-p", "tcp", "--syn", *queue_to]] if every_syn else
+           [[*common, "-p", "tcp", "--syn", "-m", "mark", "--mark", f"{deny:#x}/{mask:#x}",
+             *queue_to]])
+    return [[*common, "-p", "tcp", "!", "--syn", *queue_to], *syn,
             [*common, "-p", "udp", *queue_to]]
 
 
@@ -85,10 +89,13 @@ def ensure_chain(chain: str, hook: str) -> None:
 
 
 def _load(chain: str, hook: str, rules: list[list[str]]) -> None:
+    """``rules`` appended to ``chain``, each once (a restarted agent loads its tasks again)."""
     ensure_chain(chain, hook)
     for family in (4, 6):
         for rule in rules:
-            sh(tool(family), "-t", "mangle", "-A", chain, *rule)
+            if subprocess.run([tool(family), "-t", "mangle", "-C", chain, *rule],
+                              capture_output=True).returncode != 0:
+                sh(tool(family), "-t", "mangle", "-A", chain, *rule)
 
 
 def unload(chain: str, rules: list[list[str]]) -> list[str]:
@@ -114,11 +121,11 @@ def remove(host_if: str, queue: int, mask: int, audit: bool) -> list[str]:
 
 def add_local(kind: str, value, queue: int, mask: int, audit: bool) -> None:
     """A host agent task's queue rules: its own sockets' packets (OUTPUT), by uid or cgroup."""
-    _load(LOCAL_CHAIN, "OUTPUT", _task_rules(_owner(kind, value), queue, mask, audit))
+    _load(LOCAL_CHAIN, "OUTPUT", _task_rules(_owner(kind, value), queue, mask, audit, True))
 
 
 def remove_local(kind: str, value, queue: int, mask: int, audit: bool) -> list[str]:
-    return unload(LOCAL_CHAIN, _task_rules(_owner(kind, value), queue, mask, audit))
+    return unload(LOCAL_CHAIN, _task_rules(_owner(kind, value), queue, mask, audit, True))
 
 
 def post_gate(mask: int, hook: str = "forward") -> str:

@@ -48,7 +48,7 @@ class LiveRecorder:
         self.opts, self.net, self.recorder = opts, net, recorder
         self.task_init, self.on_record = task_init, on_record
         self.purposes, self.label_prefix = purposes, label_prefix
-        self.claim: Callable[[tuple], str] = lambda key: ""
+        self.claim: Callable[[tuple, bool], str] = lambda key, final: ""
         """The task of a flow no task's socket claims, by its (proto, src, sport, dst, dport);
         "" untagged. The agent's tasks by process tree, or its task by time window."""
         self.nets = [ipaddress.ip_network(net.net4), ipaddress.ip_network(net.net6)]
@@ -128,7 +128,7 @@ class LiveRecorder:
         owners = self.owners = Owners(net.netns_path, self.task_init, self.nets) \
             if net.netns_path or getattr(net, "host", False) else None
         source = LiveSource(self.items, who, owners=owners,
-                            claim=lambda key: self.claim(key))
+                            claim=lambda key, final: self.claim(key, final))
         try:
             self._judged["flows"] = replay(
                 source, opts.purpose, purposes=self.purposes, task=opts.task, mode=opts.mode,

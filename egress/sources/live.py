@@ -57,8 +57,9 @@ class LiveSource(CaptureSource):
 
     def __init__(self, items: "queue.Queue", attribution, *, owners: "Owners | None" = None,
                  claim=None, **kw):
-        """``claim(key)``: the task of a flow logged untagged (a shared host's socket no
-        task's rule claimed), by its (proto, src, sport, dst, dport); "" for none."""
+        """``claim(key, final)``: the task of a flow logged untagged (a shared host's socket
+        no task's rule claimed), by its (proto, src, sport, dst, dport); "" for none.
+        ``final``: asked again when the flow is recorded, the last word."""
         super().__init__([], attribution, **kw)
         self.items = items
         self.owners = owners
@@ -161,7 +162,12 @@ class LiveSource(CaptureSource):
 
     def _resume(self, event, task: str | None, stored) -> None:
         """A flow open before we began: its conntrack entry, and what was stored of it (its
-        observations, flow id and start), so it goes on as the same flow, judged as before."""
+        observations, flow id and start), so it goes on as the same flow, judged as before.
+        No entry: the stored flow ended while no one watched; it is closed as last seen."""
+        if event is None:
+            self._out.append(dataclasses.replace(stored, event="final", verdict=None,
+                                                 decided_at=None, action=None))
+            return
         t = event.orig
         if t is None or t.proto not in ACCOUNTED:
             return
@@ -177,11 +183,11 @@ class LiveSource(CaptureSource):
             self._resumed[flow] = stored
         self._account(dataclasses.replace(event, kind="entry", start_ns=None))
 
-    def _claimed(self, flow) -> str | None:
+    def _claimed(self, flow, final: bool = False) -> str | None:
         if self.claim is None:
             return None
         return self.claim((flow.proto, self._addr(flow.src), flow.sport, self._addr(flow.dst),
-                           flow.dport)) or None
+                           flow.dport), final) or None
 
     def _flow_of(self, payload: bytes):
         """The open flow a logged packet belongs to (either direction), or None."""
@@ -199,7 +205,7 @@ class LiveSource(CaptureSource):
                 packets_in=max(flow.pkts_r, stored.packets_in),
                 verdict=None, decided_at=None, action=None)
         if flow in self._labels and self._labels[flow] is None:
-            self._labels[flow] = self._claimed(flow)    # found after its first packet was read
+            self._labels[flow] = self._claimed(flow, final=True)   # after its first packet
         record = super()._record(flow)
         if flow in self._labels:
             record.task = self._labels[flow]

@@ -178,6 +178,12 @@ def test_two_tasks_by_cgroup_one_by_uid_an_untagged_process_and_one_stopped(lab)
         subprocess.run([*enter, EGRESS, "task", "start", task, "--purpose",
                         lab.dir / f"{task}.toml", "--cgroup", name, "--socket", sock],
                        check=True, capture_output=True)
+    # a cgroup that does not exist: nft refuses it; one line, and the agent goes on
+    refused = subprocess.run([*enter, EGRESS, "task", "start", "c9", "--purpose",
+                              lab.dir / "c1.toml", "--cgroup", f"egress-lab-{lab.id}-none",
+                              "--socket", sock], capture_output=True, text=True)
+    assert refused.returncode == 1 and refused.stderr.startswith("egress: task c9: "), refused
+    assert refused.stderr.count("\n") == 1, refused.stderr
     (lab.dir / "u1.toml").write_text(PURPOSE.format(purpose="by uid", task="u1",
                                                     mode="enforce", host="pypi.lab"))
     subprocess.run([*enter, EGRESS, "task", "start", "u1", "--purpose", lab.dir / "u1.toml",

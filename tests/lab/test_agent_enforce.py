@@ -215,3 +215,27 @@ def test_the_agent_and_egress_run_share_a_host_without_touching_each_other(lab):
     ran = {(f["dst"], f["verdict"]) for f in flows_of(lab.dir / "run.db", "r1")
            if f["dport"] == 443}
     assert ran == {("203.0.113.20", "allow"), ("203.0.113.10", "block")}, ran
+
+
+def test_a_task_that_cannot_come_back_leaves_nothing_behind(lab):
+    """Its purpose file is gone when the agent starts again: the agent says so, removes
+    what the task left in the kernel (its uid is no longer held by rules nobody enforces),
+    and goes on."""
+    lab.start_https("other.lab", "203.0.113.20")
+    sock, db = lab.dir / "agent.sock", lab.dir / "egress.db"
+    purpose = lab.dir / "gone.toml"
+    purpose.write_text('version = 1\npurpose = "soon gone"\ntask = "gone-1"\n'
+                       'mode = "enforce"\n\n[[allow]]\nhost = "pypi.lab"\n')
+    first = start_agent(lab, sock, db, "agent-1.log")
+    task(lab, sock, "start", "gone-1", "--purpose", purpose, "--uid", str(UID))
+    curl = "curl -sk --max-time 3 -o /dev/null -w '%{http_code}' https://203.0.113.20/"
+    assert as_task(lab, curl).stdout == "000"
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 0
+    purpose.unlink()
+    second = start_agent(lab, sock, db, "agent-2.log")
+    assert "task gone-1: not restored" in (lab.dir / "agent-2.log").read_text()
+    assert as_task(lab, curl).stdout == "200"         # untagged now, nothing left holding it
+    assert task(lab, sock, "list").returncode == 0    # the control socket still answers
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=60) == 0
