@@ -111,7 +111,6 @@ class TaskSlot:
     switch: _Switch
     label: int
     queue: int
-    requested: str | None = None
     stats: dict = field(default_factory=dict)
 
     @property
@@ -126,7 +125,7 @@ class TaskSlot:
                 "started": self.started, "label": self.label, "dns": self.server.counters}
 
     def state(self) -> dict:
-        return {"task": self.task, "match": str(self.match), "mode": self.requested,
+        return {"task": self.task, "match": str(self.match), "mode": self.mode.value,
                 "purpose": self.purpose_path, "resolver": self.resolver,
                 "started": self.started, "label": self.label}
 
@@ -280,8 +279,7 @@ class Agent:
             queue = self.opts.queue + label
             slot = TaskSlot(task, match, effective, str(purpose_path), resolver,
                             again["started"] if again else time.time_ns() // 1000,
-                            rules, None, _Switch(self._apply, rules), label, queue,
-                            requested=effective.value)
+                            rules, None, _Switch(self._apply, rules), label, queue)
             try:
                 self.gate.add(GateSpec(queue=queue, task=task, purpose=purpose, mode=effective,
                                        allow_mark=allow, block_mark=block,

@@ -90,10 +90,10 @@ class TreeClaims:
         self._queue = self._diag = None
 
     def _serve(self) -> None:
-        from egress.sources.live import _tuple
+        from egress.sources.live import packet_tuple
         while not self._stop.is_set():
             for packet in self._queue.read(timeout=0.2):
-                key = _tuple(packet.payload)
+                key = packet_tuple(packet.payload)
                 if key is not None:
                     self._claim(key)
                 self._queue.verdict(packet.packet_id, True)

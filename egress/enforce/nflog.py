@@ -102,6 +102,21 @@ def attrs(buf: bytes, off: int, end: int) -> tuple[dict[int, bytes], int]:
     return found, int(off < end)
 
 
+def u32_attrs(found: dict[int, bytes], keys) -> tuple[dict[int, int], int]:
+    """The 32-bit big-endian attributes among ``keys`` that are there: ({type: value},
+    count of those of the wrong size)."""
+    vals: dict[int, int] = {}
+    bad = 0
+    for key in keys:
+        raw = found.get(key)
+        if raw is not None:
+            if len(raw) == 4:
+                vals[key] = _U32.unpack(raw)[0]
+            else:
+                bad += 1
+    return vals, bad
+
+
 def netlink_error(buf: bytes, start: int, end: int) -> int:
     """The errno of an NLMSG_ERROR body (0 for an acknowledgement, -1 when truncated)."""
     return -struct.unpack_from("=i", buf, start)[0] if end - start >= 4 else -1
@@ -172,15 +187,9 @@ def parse_packet(buf: bytes, start: int, end: int, now_us: int) -> tuple[LoggedP
     if end - start < 4:
         return None, 1
     found, bad = attrs(buf, start + 4, end)
-    vals: dict[int, int] = {}
-    for key in (NFULA_MARK, NFULA_IFINDEX_INDEV, NFULA_IFINDEX_OUTDEV, NFULA_UID, NFULA_GID,
-                NFULA_SEQ, NFULA_SEQ_GLOBAL):
-        raw = found.get(key)
-        if raw is not None:
-            if len(raw) == 4:
-                vals[key] = _U32.unpack(raw)[0]
-            else:
-                bad += 1
+    vals, more = u32_attrs(found, (NFULA_MARK, NFULA_IFINDEX_INDEV, NFULA_IFINDEX_OUTDEV,
+                                   NFULA_UID, NFULA_GID, NFULA_SEQ, NFULA_SEQ_GLOBAL))
+    bad += more
     stamp, stamped, hook, hw_proto = now_us, False, None, 0
     raw = found.get(NFULA_TIMESTAMP)
     if raw is not None:

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 
 from egress.enforce.nflog import (NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, BoundReader, attrs,
-                                  messages, netlink_error, nfmsg, nla)
+                                  messages, netlink_error, nfmsg, nla, u32_attrs)
 
 # linux/netfilter/nfnetlink.h
 NFNL_SUBSYS_QUEUE = 3
@@ -101,15 +101,9 @@ def parse_packet(buf: bytes, start: int, end: int, now_us: int) -> tuple[QueuedP
     if raw is None or len(raw) < _PACKET_HDR.size:
         return None, bad + 1
     packet_id, hw_proto, hook = _PACKET_HDR.unpack_from(raw)
-    vals: dict[int, int] = {}
-    for key in (NFQA_MARK, NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV, NFQA_UID, NFQA_GID,
-                NFQA_CAP_LEN, NFQA_SKB_INFO):
-        raw = found.get(key)
-        if raw is not None:
-            if len(raw) == 4:
-                vals[key] = _U32.unpack(raw)[0]
-            else:
-                bad += 1
+    vals, more = u32_attrs(found, (NFQA_MARK, NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV, NFQA_UID,
+                                   NFQA_GID, NFQA_CAP_LEN, NFQA_SKB_INFO))
+    bad += more
     stamp = now_us
     raw = found.get(NFQA_TIMESTAMP)
     if raw is not None:

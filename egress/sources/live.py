@@ -264,7 +264,7 @@ class Owners:
 
     def first_packet(self, payload: bytes) -> None:
         from egress.enforce.owners import owner_of
-        key = _tuple(payload)
+        key = packet_tuple(payload)
         if key is None or key in self.found or self.root_pid() is None:
             return
         proto, src, sport, dst, dport, syn = key
@@ -311,7 +311,7 @@ def _packed_tuple(p: bytes):
     return proto, src, dst, sport, dport, proto == 6 and p[ihl + 13] & 0x12 == 0x02
 
 
-def _tuple(p: bytes):
+def packet_tuple(p: bytes):
     """(proto, src, sport, dst, dport, is a bare SYN), addresses as text, or None."""
     key = _packed_tuple(p)
     if key is None:
