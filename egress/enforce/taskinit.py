@@ -22,6 +22,10 @@ import os
 import signal
 import sys
 
+# Imported now, before the task's /tmp, /var/tmp, /dev/shm and /run are hidden: egress may
+# be installed under one of them (a clone in /tmp), and would then be out of reach.
+from egress.enforce import seccomp
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
@@ -164,7 +168,6 @@ def _take_terminal() -> None:
 
 def run_command(spec: dict) -> None:
     """The command's process: become the task user and execute (never returns)."""
-    from egress.enforce import seccomp
     _take_terminal()
     for sig in FORWARDED:
         signal.signal(sig, signal.SIG_DFL)
@@ -205,6 +208,8 @@ def main() -> None:
     if pid == 0:
         try:
             init(spec)
+        except Exception as e:              # noqa: BLE001 - said, then the task fails
+            print(f"egress run: the task's init: {type(e).__name__}: {e}", file=sys.stderr)
         finally:
             os._exit(126)
     _forward_to(pid)
