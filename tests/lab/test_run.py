@@ -321,7 +321,11 @@ def test_the_task_dns_is_recorded_and_a_tunnel_through_an_allowed_zone_found(lab
     assert done.returncode == 0, done.stderr
     records = stored(lab)
     dns = [r for r in records if r.get("kind") == "flow" and r.get("app") == "dns"]
-    assert len(dns) >= 40 and all(r["verdict"] == "allow" for r in dns)
+    # every lookup is on the record (two that share a source port by chance, within
+    # conntrack's UDP timeout, are one flow, as conntrack has them)
+    asked = {q["name"] for r in dns for q in (r["dns"] or {}).get("queries", [])
+             if q["name"].endswith(".t.tunnel.lab")}
+    assert len(asked) >= 40 and all(r["verdict"] == "allow" for r in dns)
     assert all(r["rule"].startswith("egress: the task's own resolver") for r in dns)
     (tunnel,) = [r for r in records if r.get("event") == "dns-tunnel"]
     assert tunnel["findings"][0]["evidence"]["domain"] == "tunnel.lab"
